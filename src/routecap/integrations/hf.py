@@ -1,0 +1,529 @@
+"""Hugging Face transformers (v5) binding: find the MoE routers, capture during ``generate``.
+
+Shape legend: B batch rows, S tokens per row in one forward, N = B * S router rows, T tokens of a
+request, L MoE layers, K top-k, E experts.
+
+transformers v5 MoE blocks share one shape: a router module (``gate`` or ``router``) returning
+``(router_logits, router_scores, router_indices)`` and ``experts(hidden, top_k_index,
+top_k_weights)``. :func:`find_moe_routers` finds every such block, numbers it by its decoder layer,
+and checks the router's output signature with a tiny probe; a model whose routers do not fit is
+refused with an error that names the architecture and router class.
+
+:class:`HFRouteCapture` hooks the routers (one copy into the device step buffer per layer) and the
+decoder's forward (one *step* per forward). Each forward over a batch ``[B, S]`` writes its rows at
+absolute columns ``[c, c + S)`` of every batch row, where ``c`` is the KV cache length before the
+forward (read from the cache object on the host: no device sync). :meth:`HFRouteCapture.collect`
+then turns columns into request positions using the left padding of the prompt batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..capturer import CaptureSpec, StepCapturer, StepSnapshot
+from ..store import RouteStore
+from ..trace import RoutingTrace
+
+__all__ = [
+    "HFRouteCapture",
+    "MoEModelInfo",
+    "RouterSite",
+    "UnsupportedModelError",
+    "capture_generate",
+    "find_moe_routers",
+]
+
+_ROUTER_ATTRS = ("gate", "router")
+#: Architectures whose capture is covered by the golden tests (tests/test_hf.py).
+VERIFIED_ARCHITECTURES = (
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "OlmoeForCausalLM",
+    "DeepseekV3ForCausalLM",
+    "GptOssForCausalLM",
+    "Glm4MoeForCausalLM",
+)
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no MoE layer routecap can capture, or its routers do not fit."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterSite:
+    """One MoE router: where it lives and what it chooses."""
+
+    path: str  # module path of the router, e.g. "model.layers.3.mlp.gate"
+    layer: int  # decoder layer number
+    module: nn.Module
+    num_experts: int
+    top_k: int
+    index_slot: int  # which element of the router's output tuple holds the top-k ids
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEModelInfo:
+    """What :func:`find_moe_routers` learnt about a model."""
+
+    architecture: str
+    model_name: str
+    sites: tuple[RouterSite, ...]
+    num_hidden_layers: int
+    step_module: nn.Module  # the decoder whose forward is one step
+    step_module_path: str
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(s.layer for s in self.sites)
+
+    @property
+    def num_experts(self) -> int:
+        return self.sites[0].num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.sites[0].top_k
+
+
+def _first_attr(objs: Iterable[Any], names: Sequence[str]) -> int | None:
+    for obj in objs:
+        if obj is None:
+            continue
+        for name in names:
+            v = getattr(obj, name, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
+def _architecture(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    archs = getattr(cfg, "architectures", None)
+    if archs:
+        return str(archs[0])
+    return type(model).__name__
+
+
+def _text_config(model: nn.Module) -> Any:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        return cfg.get_text_config()
+    return cfg
+
+
+def _probe_router(site_path: str, router: nn.Module, top_k: int, hidden: int | None,
+                  arch: str) -> int:
+    """Run the router on 3 dummy rows; return which output slot holds the [N, K] integer ids."""
+    cls = type(router).__name__
+    params = list(router.parameters())
+    ref = params[0] if params else None
+    if ref is None or ref.device.type == "meta" or hidden is None:
+        return 2  # cannot probe (weights not materialised): the step check catches a mismatch
+    x = torch.zeros(3, hidden, dtype=ref.dtype, device=ref.device)
+    try:
+        with torch.no_grad():
+            out = router.forward(x)  # not __call__: other hooks must not fire
+    except Exception as e:  # noqa: BLE001 - the router's own error, re-raised with context
+        raise UnsupportedModelError(
+            f"{arch}: router {cls} at {site_path} cannot be called as router(hidden_states) "
+            f"({type(e).__name__}: {e}); routecap supports routers returning "
+            "(router_logits, router_scores, router_indices)"
+        ) from e
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    slots = [
+        i for i, o in enumerate(outs)
+        if isinstance(o, torch.Tensor) and not o.is_floating_point() and o.dtype != torch.bool
+        and tuple(o.shape) == (3, top_k)
+    ]
+    if len(slots) != 1:
+        got = ", ".join(
+            f"{type(o).__name__}{tuple(o.shape) if isinstance(o, torch.Tensor) else ''}"
+            f"{'/' + str(o.dtype) if isinstance(o, torch.Tensor) else ''}" for o in outs
+        )
+        raise UnsupportedModelError(
+            f"{arch}: router {cls} at {site_path} returned ({got}); routecap expects exactly one "
+            f"integer tensor of shape [N, top_k={top_k}] (the chosen expert ids) in its output"
+        )
+    return slots[0]
+
+
+def find_moe_routers(model: nn.Module, *, probe: bool = True) -> MoEModelInfo:
+    """Find every MoE router of a transformers model, or refuse the model with a clear error.
+
+    A MoE block is a module with an ``experts`` child and a ``gate`` or ``router`` child; its layer
+    number is the index of the decoder layer that holds it. All routers must share E and K.
+    """
+    arch = _architecture(model)
+    cfg = _text_config(model)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{arch}: encoder-decoder models are not supported; routecap captures decoder-only "
+            "causal language models"
+        )
+    blocks: list[tuple[str, nn.Module, str, nn.Module]] = []
+    for path, mod in model.named_modules():
+        experts = getattr(mod, "experts", None)
+        if not isinstance(experts, nn.Module):
+            continue
+        for attr in _ROUTER_ATTRS:
+            router = getattr(mod, attr, None)
+            if isinstance(router, nn.Module):
+                blocks.append((path, mod, attr, router))
+                break
+    if not blocks:
+        raise UnsupportedModelError(
+            f"{arch}: no MoE layer found (no module with an `experts` child and a `gate` or "
+            "`router` child); routecap captures Mixture-of-Experts models only"
+        )
+    sites: list[RouterSite] = []
+    list_paths: set[str] = set()
+    hidden = _first_attr([cfg], ["hidden_size"])
+    for path, block, attr, router in blocks:
+        # the last integer component of the block's path is its decoder layer
+        parts = path.split(".")
+        idx_pos = max((i for i, p in enumerate(parts) if p.isdigit()), default=None)
+        if idx_pos is None:
+            raise UnsupportedModelError(
+                f"{arch}: MoE block at {path!r} is not inside a numbered list of decoder layers"
+            )
+        layer = int(parts[idx_pos])
+        list_paths.add(".".join(parts[:idx_pos]))
+        num_experts = _first_attr(
+            [router, block.experts, block, cfg],
+            ["num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"],
+        )
+        top_k = _first_attr(
+            [router, block, cfg], ["top_k", "num_experts_per_tok", "moe_top_k", "moe_k"]
+        )
+        if num_experts is None or top_k is None:
+            raise UnsupportedModelError(
+                f"{arch}: cannot tell the number of experts ({num_experts}) or top-k ({top_k}) of "
+                f"the router at {path}.{attr}"
+            )
+        r_hidden = _first_attr([router], ["hidden_dim", "hidden_size"]) or hidden
+        w = getattr(router, "weight", None)
+        if r_hidden is None and isinstance(w, torch.Tensor) and w.dim() == 2:
+            r_hidden = int(w.shape[1])
+        slot = _probe_router(f"{path}.{attr}", router, top_k, r_hidden, arch) if probe else 2
+        sites.append(RouterSite(path=f"{path}.{attr}", layer=layer, module=router,
+                                num_experts=num_experts, top_k=top_k, index_slot=slot))
+    if len(list_paths) != 1:
+        raise UnsupportedModelError(
+            f"{arch}: MoE blocks live in several layer lists {sorted(list_paths)}; routecap "
+            "captures one decoder stack"
+        )
+    sites.sort(key=lambda s: s.layer)
+    layers = [s.layer for s in sites]
+    if len(set(layers)) != len(layers):
+        raise UnsupportedModelError(f"{arch}: more than one MoE router per decoder layer {layers}")
+    ek = {(s.num_experts, s.top_k) for s in sites}
+    if len(ek) != 1:
+        raise UnsupportedModelError(
+            f"{arch}: routers disagree on (num_experts, top_k): {sorted(ek)}; a trace has one E and K"
+        )
+    (list_path,) = list_paths
+    step_path = list_path.rpartition(".")[0] if "." in list_path else ""
+    step_module = model.get_submodule(step_path)
+    layer_list = model.get_submodule(list_path)
+    num_hidden = len(layer_list) if isinstance(layer_list, (nn.ModuleList, nn.Sequential)) else (
+        _first_attr([cfg], ["num_hidden_layers"]) or max(layers) + 1)
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or getattr(
+        model, "name_or_path", "") or arch
+    return MoEModelInfo(architecture=arch, model_name=str(name), sites=tuple(sites),
+                        num_hidden_layers=num_hidden, step_module=step_module,
+                        step_module_path=step_path)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _StepTag:
+    batch: int  # B
+    seq: int  # S
+    offset: int  # KV cache length before the forward: column of s = 0
+
+
+def _step_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    x = kwargs.get("input_ids")
+    if x is None and args and isinstance(args[0], torch.Tensor):
+        x = args[0]
+    if isinstance(x, torch.Tensor):
+        return (int(x.shape[0]), int(x.shape[1])) if x.dim() == 2 else (1, int(x.shape[0]))
+    e = kwargs.get("inputs_embeds")
+    if isinstance(e, torch.Tensor):
+        return (int(e.shape[0]), int(e.shape[1])) if e.dim() == 3 else (1, int(e.shape[0]))
+    return None
+
+
+def _cache_length(kwargs: dict) -> int:
+    cache = kwargs.get("cache", None)
+    if cache is None:
+        cache = kwargs.get("past_key_values", None)
+    if cache is None:
+        return 0
+    get = getattr(cache, "get_seq_length", None)
+    if get is None:
+        raise TypeError(
+            f"routecap: cannot read the length of a {type(cache).__name__} cache; expected a "
+            "transformers Cache with get_seq_length()"
+        )
+    # NOTE: DynamicCache reads a tensor's shape and StaticCache a Python counter: no device sync.
+    return int(get())
+
+
+class HFRouteCapture:
+    """Capture the routes of a transformers MoE model, as a context manager.
+
+    Hooks are installed on ``__enter__`` and removed on ``__exit__``; nothing global is touched, and
+    two captures of two models (or of one model, one after the other) do not interfere.
+
+    Example:
+        >>> from routecap.builtin import load_builtin
+        >>> model, tok = load_builtin("tiny-qwen3-moe")
+        >>> enc = tok(["hello", "a longer prompt"], return_tensors="pt", padding=True)
+        >>> with HFRouteCapture(model) as cap:
+        ...     out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+        ...     traces = cap.collect(sequences=out, attention_mask=enc["attention_mask"])
+        >>> [t.num_tokens for t in traces]
+        [8, 18]
+    """
+
+    def __init__(self, model: nn.Module, *, strict: bool = True, max_tokens: int = 4096,
+                 info: MoEModelInfo | None = None) -> None:
+        self.model = model
+        self.info = info or find_moe_routers(model)
+        self.strict = strict
+        info = self.info
+        spec = CaptureSpec(num_layers=len(info.sites), top_k=info.top_k,
+                           num_experts=info.num_experts, max_tokens=max_tokens)
+        device = next(info.sites[0].module.parameters()).device
+        if device.type == "meta":
+            raise UnsupportedModelError("the model's router weights are on the meta device; load "
+                                        "the weights before capturing")
+        self.store = RouteStore(num_layers=spec.num_layers, top_k=spec.top_k,
+                                num_experts=spec.num_experts)
+        self.capturer = StepCapturer(spec, device=device, sink=self._ingest, strict=strict)
+        self._handles: list[Any] = []
+        self.steps = 0
+
+    # ---- hooks --------------------------------------------------------------------------------
+    def __enter__(self) -> HFRouteCapture:
+        if self._handles:
+            raise RuntimeError("HFRouteCapture is already active")
+        cap = self.capturer
+        for index, site in enumerate(self.info.sites):
+            self._handles.append(site.module.register_forward_hook(self._router_hook(index, site)))
+        step = self.info.step_module
+        self._handles.append(step.register_forward_pre_hook(self._pre_step, with_kwargs=True))
+        self._handles.append(step.register_forward_hook(self._post_step))
+        del cap
+        return self
+
+    @property
+    def active(self) -> bool:
+        """True while the hooks are installed."""
+        return bool(self._handles)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self.capturer.in_step:
+            self.capturer.abort_step()
+
+    def _router_hook(self, index: int, site: RouterSite) -> Callable[..., None]:
+        capture = self.capturer.capture
+        slot = site.index_slot
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            ids = output[slot] if isinstance(output, (tuple, list)) else output
+            capture(index, ids)
+
+        return hook
+
+    def _pre_step(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cap = self.capturer
+        if cap.in_step:
+            cap.abort_step()  # the previous forward raised before it finished
+        shape = _step_shape(args, kwargs)
+        if shape is None:
+            raise TypeError(
+                f"routecap: {type(module).__name__}.forward got neither input_ids nor "
+                "inputs_embeds; cannot tell the step's tokens"
+            )
+        B, S = shape
+        cap.begin_step(B * S, tag=_StepTag(batch=B, seq=S, offset=_cache_length(kwargs)))
+
+    def _post_step(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.capturer.in_step:
+            self.capturer.end_step()
+            self.steps += 1
+            self.capturer.poll()
+
+    def _ingest(self, snap: StepSnapshot) -> None:
+        tag: _StepTag = snap.tag
+        S = tag.seq
+        ids = snap.expert_ids_NLK
+        valid = snap.valid_NL
+        for b in range(tag.batch):
+            self.store.write(b, tag.offset, ids[b * S:(b + 1) * S], valid[b * S:(b + 1) * S])
+
+    # ---- results ------------------------------------------------------------------------------
+    def collect(
+        self,
+        *,
+        sequences: torch.Tensor | np.ndarray,
+        attention_mask: torch.Tensor | np.ndarray | None = None,
+        prompt_width: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        generated_lengths: Sequence[int] | None = None,
+        request_ids: Sequence[str] | None = None,
+        extra: Sequence[dict[str, Any]] | None = None,
+    ) -> list[RoutingTrace]:
+        """One trace per batch row of the last ``generate``: prompt plus generated minus the last.
+
+        Args:
+            sequences: ``[B, W + G]`` what ``generate`` returned (prompt columns first).
+            attention_mask: ``[B, W]`` the prompt batch's mask (left padding); all ones if None.
+            prompt_width: W, the prompt batch's width (defaults to the mask's width).
+            eos_token_id: where a row's generation ended (defaults to the model's
+                ``generation_config.eos_token_id``); the EOS token counts as generated.
+            generated_lengths: override: tokens generated per row (e.g. after stop strings).
+            request_ids: one id per row (defaults to "0", "1", ...).
+
+        Drains the capture (the one host sync) and frees the rows it returns.
+        """
+        self.capturer.drain()
+        seq = _to_numpy(sequences).astype(np.int64)
+        if seq.ndim != 2:
+            raise ValueError(f"collect: expected sequences of shape [B, W + G], got {seq.shape}")
+        B = seq.shape[0]
+        if attention_mask is None:
+            W = prompt_width if prompt_width is not None else None
+            if W is None:
+                raise ValueError("collect: give attention_mask or prompt_width")
+            mask = np.ones((B, W), dtype=np.int64)
+        else:
+            mask = _to_numpy(attention_mask).astype(np.int64)
+            W = mask.shape[1] if prompt_width is None else prompt_width
+        if mask.shape != (B, W):
+            raise ValueError(f"collect: expected attention_mask of shape {(B, W)}, got {mask.shape}")
+        pads = _left_pads(mask)
+        gen = seq[:, W:]
+        if generated_lengths is None:
+            if eos_token_id is None:
+                gc = getattr(self.model, "generation_config", None)
+                eos_token_id = getattr(gc, "eos_token_id", None)
+            generated_lengths = _generated_lengths(gen, eos_token_id)
+        if len(generated_lengths) != B:
+            raise ValueError(f"collect: expected {B} generated_lengths, got {len(generated_lengths)}")
+        if request_ids is None:
+            request_ids = [str(b) for b in range(B)]
+        if len(request_ids) != B:
+            raise ValueError(f"collect: expected {B} request_ids, got {len(request_ids)}")
+        info = self.info
+        traces = []
+        for b in range(B):
+            P = W - int(pads[b])
+            G = int(generated_lengths[b])
+            T = P + max(G, 1) - 1
+            c0 = int(pads[b])
+            if b in self.store:
+                ids, missing = self.store.take(b, c0, c0 + T)
+            else:
+                ids = np.zeros((T, len(info.sites), info.top_k), self.store.dtype)
+                missing = np.ones((T, len(info.sites)), np.bool_)
+            tokens = seq[b, c0:c0 + T].astype(np.int32)
+            traces.append(RoutingTrace(
+                expert_ids=ids, missing=missing, num_experts=info.num_experts,
+                moe_layers=info.moe_layers, request_id=str(request_ids[b]), prompt_len=P,
+                start=0, model=info.model_name, token_ids=tokens,
+                extra=dict(extra[b]) if extra is not None else {},
+            ))
+        self.store.clear()
+        return traces
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()  # NOTE: host copy, outside any step
+    return np.asarray(x)
+
+
+def _left_pads(mask: np.ndarray) -> np.ndarray:
+    """Number of leading zeros per row; refuses masks that are not left-padded."""
+    B, W = mask.shape
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError("collect: attention_mask must hold only 0 and 1")
+    ones = mask.sum(axis=1)
+    pads = W - ones
+    expect = np.arange(W)[None, :] >= pads[:, None]
+    if not (expect == mask.astype(bool)).all():
+        bad = int(np.argwhere((expect != mask.astype(bool)).any(axis=1))[0][0])
+        raise ValueError(
+            f"collect: expected a left-padded attention_mask (zeros then ones); row {bad} is "
+            f"{mask[bad].tolist()}. Set tokenizer.padding_side = 'left' for generation."
+        )
+    return pads
+
+
+def _generated_lengths(gen: np.ndarray, eos: int | Sequence[int] | None) -> list[int]:
+    B, G = gen.shape
+    if eos is None:
+        return [G] * B
+    eos_ids = [eos] if isinstance(eos, (int, np.integer)) else list(eos)
+    hit = np.isin(gen, eos_ids)
+    out = []
+    for b in range(B):
+        where = np.flatnonzero(hit[b])
+        out.append(int(where[0]) + 1 if where.size else G)
+    return out
+
+
+def capture_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    request_ids: Sequence[str] | None = None,
+    capture: HFRouteCapture | None = None,
+    strict: bool = True,
+    **generate_kwargs: Any,
+) -> tuple[list[RoutingTrace], torch.Tensor]:
+    """Run ``model.generate`` over one left-padded batch and return (traces, sequences).
+
+    Beam search and assisted generation reorder or rewrite batch rows; they are refused.
+    """
+    for key, bad in (("num_beams", lambda v: v not in (None, 1)),
+                     ("assistant_model", lambda v: v is not None),
+                     ("prompt_lookup_num_tokens", lambda v: v is not None)):
+        if key in generate_kwargs and bad(generate_kwargs[key]):
+            raise ValueError(f"capture_generate: {key}={generate_kwargs[key]!r} is not supported "
+                             "(it reorders or rewrites batch rows)")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    cap = capture if capture is not None else HFRouteCapture(model, strict=strict)
+    own = not cap.active  # hooks installed here are removed here
+    try:
+        if own:
+            cap.__enter__()
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                 **generate_kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        eos = generate_kwargs.get("eos_token_id")
+        traces = cap.collect(sequences=sequences, attention_mask=attention_mask,
+                             eos_token_id=eos, request_ids=request_ids)
+    finally:
+        if own:
+            cap.close()
+    return traces, sequences

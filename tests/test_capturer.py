@@ -1,0 +1,176 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from routecap.capturer import CaptureError, CaptureSpec, StepCapturer
+
+
+class Sink:
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, snap):
+        # the arrays are only valid during the call: copy them
+        self.steps.append((snap.step, snap.expert_ids_NLK.copy(), snap.valid_NL.copy(), snap.tag))
+
+
+def capturer(L=2, K=2, E=8, strict=True, max_tokens=4):
+    sink = Sink()
+    cap = StepCapturer(CaptureSpec(num_layers=L, top_k=K, num_experts=E, max_tokens=max_tokens),
+                       device="cpu", sink=sink, strict=strict)
+    return cap, sink
+
+
+def ids(*rows):
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def test_one_step_all_layers():
+    cap, sink = capturer()
+    cap.begin_step(2, tag="t0")
+    cap.capture(0, ids([1, 2], [3, 4]))
+    cap.capture(1, ids([5, 6], [7, 0]))
+    cap.end_step()
+    cap.drain()
+    step, got, valid, tag = sink.steps[0]
+    assert (step, tag) == (0, "t0")
+    assert got.dtype == np.uint8
+    assert got.tolist() == [[[1, 2], [5, 6]], [[3, 4], [7, 0]]]
+    assert valid.all()
+
+
+def test_layer_not_written_this_step_is_missing_not_stale():
+    # step 0 writes both layers; step 1 writes only layer 0: layer 1's rows of step 1 must be
+    # missing, never the values left in the buffer by step 0
+    cap, sink = capturer()
+    cap.begin_step(2)
+    cap.capture(0, ids([1, 2], [3, 4]))
+    cap.capture(1, ids([5, 6], [7, 1]))
+    cap.end_step()
+    cap.begin_step(2)
+    cap.capture(0, ids([2, 3], [4, 5]))
+    cap.end_step()
+    _, _, valid, _ = sink.steps[1]
+    assert valid.tolist() == [[True, False], [True, False]]
+
+
+def test_shorter_step_after_longer_one():
+    cap, sink = capturer(L=1)
+    cap.begin_step(3)
+    cap.capture(0, ids([1, 2], [3, 4], [5, 6]))
+    cap.end_step()
+    cap.begin_step(1)
+    cap.capture(0, ids([7, 0]))
+    cap.end_step()
+    assert sink.steps[1][1].shape == (1, 1, 2)
+
+
+def test_zero_token_step():
+    cap, sink = capturer(L=1)
+    cap.begin_step(0)
+    cap.capture(0, torch.zeros(0, 2, dtype=torch.int64))
+    cap.end_step()
+    assert sink.steps[0][1].shape == (0, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "layer,value,kind,text",
+    [
+        (0, ids([1, 2, 3], [4, 5, 6]), "shape", "expected ids of shape [N, K=2], got (2, 3)"),
+        (0, torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "dtype", "expected integer expert ids, got dtype torch.float32"),
+        (5, ids([1, 2], [3, 4]), "layer", "expected layer in [0, 2), got 5"),
+        (0, ids([1, 2]), "rows", "the step has 2 rows but the router gave 1"),
+    ],
+)
+def test_bad_input_strict_and_lenient(layer, value, kind, text):
+    cap, sink = capturer()
+    cap.begin_step(2)
+    with pytest.raises(CaptureError) as e:
+        cap.capture(layer, value)
+    assert text in str(e.value)
+
+    cap, sink = capturer(strict=False)
+    cap.begin_step(2)
+    cap.capture(1, ids([1, 2], [3, 4]))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        cap.capture(layer if layer != 1 else 0, value)
+        cap.capture(layer if layer != 1 else 0, value)
+    assert len(w) == 1 and text in str(w[0].message)
+    assert cap.events[kind] == 2
+    cap.end_step()
+    _, got, valid, _ = sink.steps[0]
+    # layer 0 never wrote: missing; layer 1 intact
+    assert valid[:, 0].tolist() == [False, False] and valid[:, 1].all()
+
+
+@pytest.mark.parametrize("bad", [8, -1, 1000])
+def test_ids_out_of_range(bad):
+    cap, sink = capturer()
+    cap.begin_step(2)
+    cap.capture(0, ids([1, 2], [3, bad]))
+    cap.capture(1, ids([1, 2], [3, 4]))
+    with pytest.raises(CaptureError, match=r"layer 0 gave expert ids outside \[0, 8\) \(first at row 1\)"):
+        cap.end_step()
+
+    cap, sink = capturer(strict=False)
+    cap.begin_step(2)
+    cap.capture(0, ids([1, 2], [3, bad]))
+    cap.capture(1, ids([1, 2], [3, 4]))
+    with pytest.warns(RuntimeWarning, match="outside"):
+        cap.end_step()
+    _, got, valid, _ = sink.steps[0]
+    # the whole (row, layer) cell is dropped: no partial row
+    assert valid.tolist() == [[True, True], [False, True]]
+    assert cap.events["range"] == 1
+
+
+def test_buffer_grows_for_eager_steps_and_not_in_graph_mode():
+    cap, sink = capturer(L=1, max_tokens=2)
+    cap.begin_step(5)
+    cap.capture(0, ids(*[[i, i + 1] for i in range(5)]))
+    cap.end_step()
+    assert sink.steps[0][1].shape == (5, 1, 2) and cap.capacity >= 5
+    cap = StepCapturer(CaptureSpec(num_layers=1, top_k=2, num_experts=8, max_tokens=2),
+                       device="cpu", sink=Sink(), growable=False)
+    with pytest.raises(CaptureError, match="exceeds the capture buffer of 2 rows"):
+        cap.begin_step(3)
+
+
+def test_step_protocol_errors():
+    cap, _ = capturer()
+    with pytest.raises(CaptureError, match="end_step\\(\\) without begin_step"):
+        cap.end_step()
+    cap.begin_step(1)
+    with pytest.raises(CaptureError, match="while step 0 is still open"):
+        cap.begin_step(1)
+    cap.abort_step()
+    cap.begin_step(1)
+
+
+def test_capture_outside_a_step_is_ignored():
+    cap, sink = capturer()
+    cap.capture(0, ids([1, 2]))
+    assert sink.steps == []
+
+
+def test_uint16_for_many_experts():
+    cap, sink = capturer(L=1, E=300)
+    cap.begin_step(1)
+    cap.capture(0, ids([299, 3]))
+    cap.end_step()
+    assert sink.steps[0][1].dtype == np.uint16 and sink.steps[0][1].tolist() == [[[299, 3]]]
+
+
+def test_two_capturers_do_not_share_state():
+    a, sa = capturer(L=1)
+    b, sb = capturer(L=1)
+    a.begin_step(1)
+    b.begin_step(1)
+    a.capture(0, ids([1, 2]))
+    b.capture(0, ids([3, 4]))
+    a.end_step()
+    b.end_step()
+    assert sa.steps[0][1].tolist() == [[[1, 2]]] and sb.steps[0][1].tolist() == [[[3, 4]]]

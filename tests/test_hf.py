@@ -1,0 +1,294 @@
+"""Capture from transformers MoE models, checked against a slow, obviously-correct reference.
+
+The reference runs ONE unpadded forward per request over its final token sequence (teacher
+forcing, no cache, no batch) and records each router's output directly. Batched ``generate`` with
+left padding and a KV cache must give the same routes, cell for cell. Float rounding in a padded,
+cached batch can flip a near-tie at the k-th choice; such a cell is accepted only if its router
+margin (the gap in the router's selection score between the k-th chosen expert and the best
+unchosen one) is below MARGIN_TOL, and the flips are counted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import SUPPORTED, UNSORTED_TOPK, tiny_model
+from torch import nn
+
+from routecap.builtin import load_builtin
+from routecap.integrations.hf import (
+    HFRouteCapture,
+    UnsupportedModelError,
+    capture_generate,
+    find_moe_routers,
+)
+
+MARGIN_TOL = 1e-4
+
+
+def _reference_routes(model, info, token_ids):
+    """[T, L, K] ids and [T, L] selection margins from one plain forward over ``token_ids``."""
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for site in info.sites:
+        def hook(mod, args, output, layer=site.layer, slot=site.index_slot):
+            out[layer] = (output[slot].detach().clone(), output[0].detach().clone())
+        handles.append(site.module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.as_tensor(token_ids)[None].long(), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    ids = np.stack([out[s.layer][0].numpy() for s in info.sites], axis=1)
+    margins = np.stack([_margin(s.module, out[s.layer][1].float(), s.top_k) for s in info.sites],
+                       axis=1)
+    return ids, margins
+
+
+def _margin(router: nn.Module, logits: torch.Tensor, k: int) -> np.ndarray:
+    """Gap between the k-th chosen and the best unchosen selection score, per row."""
+    if hasattr(router, "e_score_correction_bias"):  # DeepSeek-style: sigmoid + bias, by groups
+        scores = logits.sigmoid() + router.e_score_correction_bias.float()
+        g, kg = router.num_group, router.topk_group
+        grouped = scores.view(scores.shape[0], g, -1)
+        group_scores = grouped.topk(2, dim=-1)[0].sum(-1)
+        gs = group_scores.sort(dim=-1, descending=True)[0]
+        group_margin = (gs[:, kg - 1] - gs[:, kg]) if kg < g else torch.full_like(gs[:, 0], 1e9)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(kg, dim=-1)[1], True)
+        masked = grouped.masked_fill(~keep[..., None], float("-inf")).view(scores.shape[0], -1)
+        s = masked.sort(dim=-1, descending=True)[0]
+        nxt = torch.where(torch.isinf(s[:, k]), torch.full_like(s[:, k], -1e9), s[:, k])
+        return torch.minimum(group_margin, s[:, k - 1] - nxt).numpy()
+    # softmax or plain top-k over logits: the order of logits is the order of choice
+    s = logits.sort(dim=-1, descending=True)[0]
+    return (s[:, k - 1] - s[:, k]).numpy()
+
+
+def _flips(got, ref, unsorted):
+    """[T, L] True where the captured row differs from the reference row."""
+    if unsorted:
+        got, ref = np.sort(got, axis=-1), np.sort(ref, axis=-1)
+    return (got != ref).any(axis=-1)
+
+
+def _prompts(vocab=300, lengths=(3, 9, 1, 6), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = max(lengths)
+    ids = torch.zeros(len(lengths), W, dtype=torch.long)
+    mask = torch.zeros(len(lengths), W, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, W - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[b, W - n:] = 1
+    return ids, mask
+
+
+def _early_eos(model, ids, mask, max_new, **gen):
+    """(token, step): a token request 0 first generates at step >= 1, so that it stops early."""
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                             eos_token_id=None, pad_token_id=0, **gen)
+    torch.set_rng_state(state)  # the captured run samples the same tokens
+    gen0 = out[0, ids.shape[1]:].tolist()
+    for step in range(1, len(gen0) - 1):
+        if gen0[step] not in gen0[:step]:
+            return gen0[step], step
+    raise AssertionError(f"no early-stop token in {gen0}")
+
+
+def _check_golden(model, ids, mask, *, unsorted, max_new=6, **gen):
+    info = find_moe_routers(model)
+    eos, eos_step = _early_eos(model, ids, mask, max_new, **gen)
+    traces, seq = capture_generate(model, ids, mask, max_new_tokens=max_new, eos_token_id=eos,
+                                   pad_token_id=0, **gen)
+    W = ids.shape[1]
+    flips = 0
+    lengths = []
+    for b, t in enumerate(traces):
+        P = int(mask[b].sum())
+        gen_b = seq[b, W:].tolist()
+        G = gen_b.index(eos) + 1 if eos in gen_b else len(gen_b)
+        # prompt plus generated minus the last, whose forward never ran
+        assert t.num_tokens == P + G - 1 and t.prompt_len == P and t.start == 0
+        expect_tokens = seq[b, W - P:W - P + P + G - 1].tolist()
+        assert t.token_ids.tolist() == expect_tokens
+        assert t.missing is None
+        assert t.moe_layers == info.moe_layers
+        ref, margins = _reference_routes(model, info, t.token_ids)
+        bad = _flips(t.expert_ids.astype(np.int64), ref, unsorted)
+        assert (margins[bad] < MARGIN_TOL).all(), (
+            f"request {b}: routes differ at {np.argwhere(bad).tolist()} with margins "
+            f"{margins[bad].tolist()}")
+        flips += int(bad.sum())
+        lengths.append(t.num_tokens)
+    assert lengths[0] == int(mask[0].sum()) + eos_step  # request 0 stopped at its EOS
+    return flips, traces
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_golden_batched_generate_equals_teacher_forcing(arch):
+    model = tiny_model(arch, seed=1)
+    ids, mask = _prompts()
+    flips, traces = _check_golden(model, ids, mask, unsorted=arch in UNSORTED_TOPK,
+                                  do_sample=False)
+    assert flips == 0, f"{flips} near-tie flips"
+    assert len({t.num_tokens for t in traces}) > 1  # uneven lengths really happened
+
+
+def test_golden_builtin_with_sampling():
+    model, tok = load_builtin("tiny-qwen3-moe")
+    enc = tok(["hello world", "x", "the quick brown fox jumps over", "routes"],
+              return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    flips, _ = _check_golden(model, enc["input_ids"], enc["attention_mask"], unsorted=False,
+                             max_new=8, do_sample=True, temperature=1.0)
+    assert flips == 0
+
+
+def test_capture_leaves_model_exactly_as_it_was():
+    model, tok = load_builtin("tiny-qwen3-moe")
+    enc = tok(["hello world", "abc"], return_tensors="pt", padding=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        logits_before = model(**enc).logits
+        gen_before = model.generate(**enc, max_new_tokens=5, do_sample=False)
+    with HFRouteCapture(model) as cap:
+        with torch.no_grad():
+            logits_during = model(**enc).logits
+            gen_during = model.generate(**enc, max_new_tokens=5, do_sample=False)
+        cap.collect(sequences=gen_during, attention_mask=enc["attention_mask"])
+    with torch.no_grad():
+        logits_after = model(**enc).logits
+    assert torch.equal(logits_before, logits_during) and torch.equal(logits_before, logits_after)
+    assert torch.equal(gen_before, gen_during)
+    for name, mod in model.named_modules():
+        assert not mod._forward_hooks and not mod._forward_pre_hooks, name
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_two_captures_at_once():
+    a = tiny_model("qwen3_moe", seed=1)
+    b = tiny_model("mixtral", seed=2)
+    ids, mask = _prompts(lengths=(4, 2))
+    with HFRouteCapture(a) as ca, HFRouteCapture(b) as cb:
+        with torch.no_grad():
+            sa = a.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+            sb = b.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        ta = ca.collect(sequences=sa, attention_mask=mask, eos_token_id=[])
+        tb = cb.collect(sequences=sb, attention_mask=mask, eos_token_id=[])
+    alone, _ = capture_generate(a, ids, mask, max_new_tokens=3, do_sample=False, eos_token_id=[])
+    assert all(x.equals(y) for x, y in zip(ta, alone))
+    assert tb[0].num_experts == 8 and ta[0].num_experts == 16
+
+
+def test_single_token_prompt_and_one_new_token():
+    model = tiny_model("qwen3_moe")
+    ids = torch.tensor([[5]])
+    traces, _ = capture_generate(model, ids, max_new_tokens=1, do_sample=False, eos_token_id=[])
+    # the prompt token ran; the generated one never did
+    assert traces[0].num_tokens == 1 and traces[0].token_ids.tolist() == [5]
+
+
+def test_consecutive_batches_do_not_leak_rows():
+    model = tiny_model("qwen3_moe")
+    long_ids, long_mask = _prompts(lengths=(9, 9))
+    short_ids, short_mask = _prompts(lengths=(2, 3), seed=5)
+    with HFRouteCapture(model) as cap:
+        for ids, mask in ((long_ids, long_mask), (short_ids, short_mask)):
+            with torch.no_grad():
+                seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4,
+                                     do_sample=False)
+            traces = cap.collect(sequences=seq, attention_mask=mask, eos_token_id=[])
+    fresh, _ = capture_generate(model, short_ids, short_mask, max_new_tokens=4, do_sample=False,
+                                eos_token_id=[])
+    assert all(a.equals(b) for a, b in zip(traces, fresh))
+
+
+def test_model_without_moe_is_refused():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("qwen3", vocab_size=100, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                               head_dim=16)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(UnsupportedModelError, match="Qwen3ForCausalLM: no MoE layer found"):
+        find_moe_routers(model)
+
+
+class _OddRouter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(4, 8))
+        self.top_k = 2
+        self.num_experts = 4
+
+    def forward(self, x):
+        return x @ self.weight.T  # logits only
+
+
+class _OddBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = _OddRouter()
+        self.experts = nn.Linear(8, 8)
+
+
+class _OddModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_OddBlock()])
+
+
+def test_router_with_other_signature_is_refused_by_name():
+    with pytest.raises(UnsupportedModelError) as e:
+        find_moe_routers(_OddModel())
+    msg = str(e.value)
+    assert "_OddModel: router _OddRouter at layers.0.gate returned (Tensor(3, 4)/torch.float32)" in msg
+    assert "expects exactly one integer tensor of shape [N, top_k=2]" in msg
+
+
+def test_collect_refuses_right_padding():
+    model = tiny_model("qwen3_moe")
+    ids = torch.tensor([[5, 6, 0]])
+    mask = torch.tensor([[1, 1, 0]])
+    with HFRouteCapture(model) as cap:
+        with torch.no_grad():
+            seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2,
+                                 do_sample=False)
+        with pytest.raises(ValueError, match="expected a left-padded attention_mask"):
+            cap.collect(sequences=seq, attention_mask=mask)
+
+
+def test_beam_search_refused():
+    model = tiny_model("qwen3_moe")
+    with pytest.raises(ValueError, match="num_beams=2 is not supported"):
+        capture_generate(model, torch.tensor([[5, 6]]), max_new_tokens=2, num_beams=2)
+
+
+def test_lenient_capture_marks_missing_instead_of_raising():
+    model = tiny_model("qwen3_moe")
+    info = find_moe_routers(model)
+    ids, mask = _prompts(lengths=(3, 2))
+    target = info.sites[1].module
+    # a router that suddenly returns a wrong K (registered before routecap's hook, so routecap
+    # sees the broken output): lenient mode marks that layer missing and keeps the others
+    handle = target.register_forward_hook(
+        lambda m, a, out: (out[0], out[1][:, :1], out[2][:, :1]))
+    cap = HFRouteCapture(model, strict=False)
+    try:
+        with pytest.warns(RuntimeWarning, match="expected ids of shape"):
+            traces, _ = capture_generate(model, ids, mask, capture=cap, max_new_tokens=2,
+                                         do_sample=False, eos_token_id=[])
+        for t in traces:
+            assert t.missing is not None
+            assert t.missing[:, 1].all() and not t.missing[:, [0, 2]].any()
+        assert cap.capturer.events["shape"] > 0
+        assert not cap.active
+        with pytest.raises(Exception, match=r"expected ids of shape \[N, K=4\], got \(\d+, 1\)"):
+            capture_generate(model, ids, mask, max_new_tokens=2, do_sample=False)
+    finally:
+        handle.remove()
