@@ -108,7 +108,7 @@ class StepCapturer:
         >>> cap.begin_step(3)
         >>> for layer in range(2):
         ...     cap.capture(layer, torch.tensor([[1, 2], [3, 4], [5, 6]]))
-        >>> cap.end_step(); cap.drain()
+        >>> cap.end_step(); n = cap.drain()
         0 (3, 2, 2)
     """
 

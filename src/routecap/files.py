@@ -84,6 +84,9 @@ def _crc(a: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B")) & 0xFFFFFFFF
 
 
+_umask = os.umask(0o022)
+os.umask(_umask)
+_FILE_MODE = 0o666 & ~_umask
 _NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
@@ -163,6 +166,7 @@ def _atomic_write(path: Path, data: str | list[bytes | memoryview]) -> int:
                 size += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -186,7 +190,7 @@ def save_file(traces: Sequence[RoutingTrace], path: str | os.PathLike) -> None:
 
     Example:
         >>> import numpy as np, tempfile, os
-        >>> t = RoutingTrace.from_ids(np.zeros((3, 1, 1)), num_experts=4, moe_layers=[0],
+        >>> t = RoutingTrace.from_ids(np.zeros((3, 1, 1), int), num_experts=4, moe_layers=[0],
         ...                           request_id="a", prompt_len=3)
         >>> p = os.path.join(tempfile.mkdtemp(), "t.safetensors")
         >>> save_file([t], p); load_file(p)[0].equals(t)
@@ -393,7 +397,7 @@ class TraceWriter:
         >>> d = tempfile.mkdtemp()
         >>> with TraceWriter(d, max_requests=2) as w:
         ...     for i in range(5):
-        ...         w.append(RoutingTrace.from_ids(np.zeros((2, 1, 1)), num_experts=4,
+        ...         w.append(RoutingTrace.from_ids(np.zeros((2, 1, 1), int), num_experts=4,
         ...                  moe_layers=[0], request_id=str(i), prompt_len=2))
         >>> len(open_traces(d)), len(w.shards)
         (5, 3)

@@ -1,0 +1,344 @@
+"""The ``routecap`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+
+app = typer.Typer(
+    name="routecap",
+    help="Capture, store, replay and analyse the routing decisions of Mixture-of-Experts models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class PromptFormat(str, Enum):
+    auto = "auto"
+    text = "text"
+    ids = "ids"
+    jsonl = "jsonl"
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"routecap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
+
+def _resolve_device(device: Device) -> str:
+    import torch
+
+    if device is Device.auto:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device is Device.cuda and not torch.cuda.is_available():
+        raise _fail("--device cuda: no CUDA device is available (torch.cuda.is_available() is "
+                    "False); use --device cpu")
+    return device.value
+
+
+def _resolve_dtype(dtype: DType, device: str) -> Any:
+    import torch
+
+    if dtype is DType.auto:
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype.value)
+
+
+def load_model(name: str, *, device: str, dtype: Any) -> tuple[Any, Any]:
+    """(model, tokenizer) for ``builtin:NAME`` or a local transformers model folder."""
+    from .builtin import BUILTIN_PREFIX, load_builtin
+
+    if name.startswith(BUILTIN_PREFIX):
+        try:
+            return load_builtin(name, device=device, dtype=dtype)
+        except ValueError as e:
+            raise _fail(f"--model: {e}") from None
+    path = Path(name)
+    if not path.is_dir():
+        raise _fail(f"--model {name}: no such folder, and not a built-in model (built-ins: "
+                    "builtin:tiny-qwen3-moe). Models are loaded from local folders only.")
+    if not (path / "config.json").is_file():
+        raise _fail(f"--model {name}: no config.json in it; expected a transformers model folder "
+                    "(as written by save_pretrained)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise _fail(f"--model {name}: cannot load a transformers causal LM from it ({e})") from None
+    model.to(device).eval()
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _encode_batch(batch: list[Any], tok: Any, vocab: int) -> tuple[Any, Any]:
+    """Left-padded input_ids and attention_mask for a batch of prompts."""
+    import torch
+
+    rows: list[list[int]] = []
+    for p in batch:
+        if p.token_ids is not None:
+            bad = [t for t in p.token_ids if t >= vocab]
+            if bad:
+                raise _fail(f"request {p.request_id!r}: token id {bad[0]} is outside the model's "
+                            f"vocabulary of {vocab}")
+            rows.append(list(p.token_ids))
+        else:
+            ids = tok(p.text, add_special_tokens=True)["input_ids"]
+            if not ids:
+                raise _fail(f"request {p.request_id!r}: the prompt tokenizes to nothing")
+            rows.append(list(ids))
+    W = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), W), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), W), dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, W - len(r):] = torch.tensor(r)
+        mask[b, W - len(r):] = 1
+    return input_ids, mask
+
+
+def print_summary(summary: Any, *, title: str) -> None:
+    head = Table(title=title, show_header=False, title_justify="left")
+    head.add_column(style="bold")
+    head.add_column()
+    for k, v in [("model", summary.model), ("requests", f"{summary.num_requests:,}"),
+                 ("tokens", f"{summary.num_tokens:,}"),
+                 ("MoE layers", f"{len(summary.moe_layers)} {list(summary.moe_layers)}"),
+                 ("experts", str(summary.num_experts)), ("top-k", str(summary.top_k)),
+                 ("missing cells", f"{summary.num_missing:,}")]:
+        head.add_row(k, v)
+    out.print(head)
+    t = Table(title="load imbalance per MoE layer (max/mean of expert counts; 1.00 = balanced)",
+              title_justify="left")
+    t.add_column("layer", justify="right")
+    t.add_column("max/mean", justify="right")
+    t.add_column("busiest expert", justify="right")
+    t.add_column("idle experts", justify="right")
+    for layer, imb, busy, idle in zip(summary.moe_layers, summary.imbalance_L,
+                                      summary.busiest_L, summary.idle_L):
+        t.add_row(str(layer), "-" if imb != imb else f"{imb:.2f}", str(int(busy)), str(int(idle)))
+    out.print(t)
+
+
+@app.command()
+def capture(
+    model: Annotated[str, typer.Option(help="builtin:tiny-qwen3-moe or a local transformers "
+                                            "model folder.")],
+    prompts: Annotated[Path, typer.Option(help="Prompts: text lines, JSONL, or token ids.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the trace shards, index and "
+                                                        "summary.json.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per prompt.")] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generate() call.")] = 8,
+    device: Annotated[Device, typer.Option(help="Where the model runs.")] = Device.auto,
+    dtype: Annotated[DType, typer.Option(help="Model dtype (auto: float32 on CPU, bfloat16 on "
+                                              "CUDA).")] = DType.auto,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+    sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample or decode greedily.")]
+    = False,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    prompts_format: Annotated[PromptFormat, typer.Option(help="How to read --prompts.")]
+    = PromptFormat.auto,
+    strict: Annotated[bool, typer.Option("--strict/--lenient", help="Fail on bad capture input, "
+                                         "or mark it missing and go on.")] = True,
+    shard_requests: Annotated[int, typer.Option(min=1, help="Requests per shard file.")] = 1024,
+    overwrite: Annotated[bool, typer.Option(help="Replace traces already in --out.")] = False,
+) -> None:
+    """Capture the routes of every prompt and write one trace per request plus a summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .analysis import LoadCounter
+    from .files import TraceFileError, TraceWriter, _atomic_write
+    from .prompts import PromptFileError, read_prompts
+
+    try:
+        items = read_prompts(prompts, prompts_format.value)
+    except PromptFileError as e:
+        raise _fail(str(e)) from None
+    if (out_dir / "summary.json").exists() and not overwrite:
+        raise _fail(f"{out_dir} already holds a capture (summary.json); pass --overwrite or "
+                    "choose another --out")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise _fail(f"--out {out_dir}: exists and is not a folder")
+    dev = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, dev)
+    import torch
+
+    from .integrations.hf import HFRouteCapture, UnsupportedModelError, capture_generate
+
+    lm, tok = load_model(model, device=dev, dtype=torch_dtype)
+    try:
+        cap = HFRouteCapture(lm, strict=strict)
+    except UnsupportedModelError as e:
+        raise _fail(str(e)) from None
+    try:
+        writer = TraceWriter(out_dir, max_requests=shard_requests, overwrite=overwrite)
+    except (FileExistsError, NotADirectoryError, TraceFileError) as e:
+        raise _fail(f"{e}; pass --overwrite or choose another --out") from None
+    vocab = int(lm.get_input_embeddings().weight.shape[0])
+    counter = LoadCounter()
+    torch.manual_seed(seed)
+    gen: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sample)
+    if sample:
+        gen.update(temperature=temperature, top_p=top_p)
+    if tok.pad_token_id is not None:
+        gen["pad_token_id"] = tok.pad_token_id
+    progress = Progress(TextColumn("capturing"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("requests"), TimeElapsedColumn(), console=err,
+                        disable=not err.is_terminal)
+    with cap, writer, progress:
+        task = progress.add_task("capture", total=len(items))
+        for i in range(0, len(items), batch_size):
+            batch = items[i:i + batch_size]
+            input_ids, mask = _encode_batch(batch, tok, vocab)
+            traces, _ = capture_generate(
+                lm, input_ids.to(dev), mask.to(dev), capture=cap,
+                request_ids=[p.request_id for p in batch], **gen)
+            for t in traces:
+                writer.append(t)
+                counter.add(t)
+            progress.advance(task, len(batch))
+    summary = counter.summary()
+    payload = {"routecap_version": __version__, "command": "capture", "model": model,
+               "device": dev, "dtype": str(torch_dtype).removeprefix("torch."),
+               "max_new_tokens": max_new_tokens, "sample": sample, "seed": seed,
+               "shards": [s["file"] for s in writer.shards], **summary.to_dict()}
+    _atomic_write(out_dir / "summary.json", json.dumps(payload, indent=1))
+    print_summary(summary, title=f"routecap capture -> {out_dir}")
+    out.print(f"wrote {summary.num_requests} traces in {len(writer.shards)} shard(s) and "
+              f"summary.json to {out_dir}")
+
+
+@app.command()
+def show(
+    traces: Annotated[Path, typer.Argument(help="A trace folder or a trace file.")],
+    request: Annotated[str | None, typer.Option(help="Print one request's routes token by "
+                                                     "token.")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="Rows to print with --request (0: all).")]
+    = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer folder to show token text "
+                                                       "(automatic for built-in models).")] = None,
+) -> None:
+    """Print the summary of existing traces, or one request's routes."""
+    from .analysis import summarize
+    from .files import TraceFileError, open_traces
+
+    try:
+        ts = open_traces(traces)
+        if request is None:
+            summary = summarize(ts)
+        else:
+            trace = ts.get(request)
+    except TraceFileError as e:
+        raise _fail(str(e)) from None
+    except KeyError as e:
+        ids = ts.request_ids()
+        raise _fail(f"{e.args[0]}; known ids start with {ids[:5]}") from None
+    if request is None:
+        if as_json:
+            out.print_json(json.dumps(summary.to_dict()))
+        else:
+            print_summary(summary, title=f"routecap traces in {traces}")
+            if not ts.complete:
+                err.print("[yellow]note:[/] the writer of these traces did not finish; "
+                          "every finished shard was read")
+        return
+    _print_request(trace, limit, _token_decoder(trace, tokenizer))
+
+
+def _token_decoder(trace: Any, tokenizer: str | None) -> Any:
+    """A token-id -> text function: the given tokenizer, or the built-in one for built-in models."""
+    if tokenizer is None and not trace.model.startswith("builtin:"):
+        return None
+    if tokenizer is None or tokenizer.startswith("builtin:"):
+        from .builtin import byte_tokenizer
+
+        tok = byte_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(tokenizer)
+        except (OSError, ValueError) as e:
+            raise _fail(f"--tokenizer {tokenizer}: cannot load it ({e})") from None
+    return lambda i: tok.decode([i])
+
+
+def _print_request(trace: Any, limit: int, decode: Any) -> None:
+    out.print(f"request {trace.request_id!r}: {trace.num_tokens} tokens from position "
+              f"{trace.start}, prompt length {trace.prompt_len}, E={trace.num_experts}, "
+              f"K={trace.top_k}, {trace.num_missing} missing cells")
+    t = Table(show_lines=False)
+    t.add_column("pos", justify="right")
+    t.add_column("", justify="left")
+    t.add_column("token", justify="right")
+    if decode is not None:
+        t.add_column("text", justify="left")
+    for layer in trace.moe_layers:
+        t.add_column(f"layer {layer}", justify="left")
+    ids = trace.to_numpy()
+    rows = range(trace.num_tokens) if limit == 0 else range(min(limit, trace.num_tokens))
+    for r in rows:
+        pos = trace.start + r
+        kind = "prompt" if pos < trace.prompt_len else "gen"
+        tok = "-" if trace.token_ids is None else str(int(trace.token_ids[r]))
+        cells = ["missing" if trace.missing is not None and trace.missing[r, layer]
+                 else " ".join(str(e) for e in ids[r, layer]) for layer in range(trace.num_layers)]
+        text = [] if decode is None else [
+            "-" if trace.token_ids is None else repr(decode(int(trace.token_ids[r])))[1:-1]]
+        t.add_row(str(pos), kind, tok, *text, *cells)
+    out.print(t)
+    if limit and trace.num_tokens > limit:
+        out.print(f"... {trace.num_tokens - limit} more rows (--limit 0 prints all)")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
