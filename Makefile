@@ -3,6 +3,11 @@
 PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.routecap-installed
+# transformers 5.17 (the GPU device's version) beside the registry's newest: the transformers-facing
+# tests run under both. It lives inside .venv too.
+COMPAT       := $(VENV)/tf517
+COMPAT_STAMP := $(COMPAT)/.routecap-installed
+COMPAT_TESTS := tests/test_hf.py tests/test_builtin.py tests/test_docs.py
 OUT    ?= runs/demo
 
 .PHONY: demo test
@@ -13,10 +18,17 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+$(COMPAT_STAMP): pyproject.toml $(STAMP)
+	$(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/pip install -q torch==2.13.0
+	$(COMPAT)/bin/pip install -q -e '.[test]' 'transformers==5.17.0'
+	touch $(COMPAT_STAMP)
+
 # The main job: capture routes from the built-in tiny MoE model, write traces and a summary.
 demo: $(STAMP)
 	$(VENV)/bin/routecap capture --model builtin:tiny-qwen3-moe --prompts examples/prompts.txt --max-new-tokens 16 --out $(OUT) --overwrite
 
-# The whole test suite.
-test: $(STAMP)
+# The whole test suite (then the transformers-facing part again under transformers 5.17).
+test: $(STAMP) $(COMPAT_STAMP)
 	$(VENV)/bin/python -m pytest -q
+	$(COMPAT)/bin/python -m pytest -q $(COMPAT_TESTS)
