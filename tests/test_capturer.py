@@ -81,7 +81,7 @@ def test_zero_token_step():
         (0, ids([1, 2, 3], [4, 5, 6]), "shape", "expected ids of shape [N, K=2], got (2, 3)"),
         (0, torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "dtype", "expected integer expert ids, got dtype torch.float32"),
         (5, ids([1, 2], [3, 4]), "layer", "expected layer in [0, 2), got 5"),
-        (0, ids([1, 2]), "rows", "the step has 2 rows but the router gave 1"),
+        (0, ids([1, 2]), "rows", "the router saw N=1 rows, which does not fit the declared layout (local: N = n_me = 2)"),
     ],
 )
 def test_bad_input_strict_and_lenient(layer, value, kind, text):

@@ -1,20 +1,26 @@
 """The device step buffer: capture top-k ids during a forward, hand them to the host after it.
 
-Shape legend: N rows of the step (tokens the model ran this step), L MoE layers, K top-k,
-E experts.
+Shape legend: N rows the router saw, n rows this rank keeps (its tokens), L MoE layers, K top-k,
+E experts, TP tensor-parallel size.
 
-One *step* is one forward of the model over N tokens. Between :meth:`StepCapturer.begin_step` and
+One *step* is one forward of the model. Between :meth:`StepCapturer.begin_step` and
 :meth:`StepCapturer.end_step` every MoE layer calls :meth:`StepCapturer.capture` with the ids its
-router chose; the ids land in a static device buffer ``[max_tokens, L, K]`` (one copy kernel per
-layer, no allocation, no host sync: safe inside a CUDA graph). ``end_step`` narrows the step's
-rows to the trace dtype, marks which ``(row, layer)`` cells are valid, and copies both into pinned
-host memory asynchronously. The host side (a sink, normally :class:`routecap.store.RouteStore`)
-receives each step only once its copy is complete: :meth:`StepCapturer.poll` never waits,
-:meth:`StepCapturer.drain` does (the one deliberate sync, at the end of a batch).
+router chose. The step's :class:`~routecap.layout.RankView` and layout say which of the router's N
+rows are this rank's (:mod:`routecap.layout`); those rows land in a static device buffer
+``[max_tokens, L, K]`` (a copy kernel per contiguous segment, no allocation, no host sync: safe
+inside a CUDA graph). ``end_step`` narrows the step's rows to the trace dtype, marks which
+``(row, layer)`` cells are valid, all-gathers them over TP when the layout shards rows across TP
+ranks, and copies them into pinned host memory asynchronously. The host side (a *sink*, normally
+the binding feeding a :class:`routecap.store.RouteStore`) receives each step only once its copy is
+complete: :meth:`StepCapturer.poll` never waits, :meth:`StepCapturer.drain` does.
 
 A cell is valid only if its layer wrote that row in *this* step with ids in ``[0, E)``. Rows a layer
-did not write (it was skipped, or it saw the wrong number of rows) are never returned from an
-earlier step: the per-layer row counter is reset at every ``begin_step``.
+did not write (it was skipped, or its rows fit no layout) are never returned from an earlier step:
+the per-layer row counter is reset at every ``begin_step``.
+
+CUDA graphs: capture a step with :meth:`StepCapturer.graph_step` inside ``torch.cuda.graph``; after
+every replay call :meth:`StepCapturer.publish` with the real token count (the graph ran at a padded
+size; only the first rows are real).
 
 Strict mode (default) raises :class:`CaptureError` on bad input; lenient mode marks the affected
 cells missing, counts the event in :attr:`StepCapturer.events` and warns once per kind.
@@ -22,15 +28,18 @@ cells missing, counts the event in :attr:`StepCapturer.events` and warns once pe
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import distributed as rcdist
+from .layout import Layout, LayoutError, RankView, RowPlan, infer_layout, plan_rows
 from .trace import id_dtype_for
 
 __all__ = ["CaptureError", "CaptureSpec", "StepCapturer", "StepSnapshot"]
@@ -66,7 +75,7 @@ class StepSnapshot:
     """One finished step on the host. The arrays are valid only during the sink call."""
 
     step: int
-    expert_ids_NLK: np.ndarray  # trace dtype (uint8 / uint16)
+    expert_ids_NLK: np.ndarray  # trace dtype (uint8 / uint16), this rank's rows
     valid_NL: np.ndarray  # bool: the layer wrote this row in this step, ids in range
     tag: Any
 
@@ -77,7 +86,20 @@ class _Pending:
     num_tokens: int
     tag: Any
     slot: int
-    event: Any  # torch.cuda.Event | None
+    event: Any  # torch.cuda.Event
+
+
+@dataclass
+class _Step:
+    """Host-side state of the open step."""
+
+    num_tokens: int  # n: rows this rank keeps
+    tag: Any
+    view: RankView | None
+    layout: Layout | None
+    publish: bool
+    plans: dict[int, RowPlan]  # by N, so each size is resolved once per step
+    gather: RowPlan | None = None  # the TP-gather plan, if the step shards rows over TP
 
 
 def _device_narrow_dtype(num_experts: int) -> torch.dtype:
@@ -96,11 +118,12 @@ class StepCapturer:
     Args:
         spec: sizes (L, K, E, max_tokens).
         device: where the model runs.
-        sink: called as ``sink(snapshot)`` for every finished step, in step order.
+        sink: called as ``sink(snapshot)`` for every finished, published step, in step order.
         strict: raise on bad input (default) or mark it missing and count it.
         host_slots: pinned host buffers in flight before ``end_step`` waits for the oldest.
         growable: let an eager step larger than ``max_tokens`` reallocate the buffer (never
             inside a CUDA graph, where the buffer must stay put).
+        tp_group: process group of this rank's TP peers, for layouts that shard rows over TP.
 
     Example:
         >>> cap = StepCapturer(CaptureSpec(num_layers=2, top_k=2, num_experts=8), device="cpu",
@@ -121,12 +144,14 @@ class StepCapturer:
         strict: bool = True,
         host_slots: int = 4,
         growable: bool = True,
+        tp_group: Any = None,
     ) -> None:
         self.spec = spec
         self.device = torch.device(device)
         self.sink = sink
         self.strict = strict
         self.growable = growable
+        self.tp_group = tp_group
         self.events: Counter[str] = Counter()
         self._warned: set[str] = set()
         self._host_dtype = id_dtype_for(spec.num_experts)
@@ -135,9 +160,9 @@ class StepCapturer:
         self._num_slots = max(1, host_slots)
         self._pending: deque[_Pending] = deque()
         self._free_slots: deque[int] = deque(range(self._num_slots))
-        self._step = 0
-        self._n: int | None = None  # rows of the open step, None outside a step
-        self._tag: Any = None
+        self._step_no = 0
+        self._step: _Step | None = None
+        self._graph_steps = 0  # graph_step() contexts open (no growth, no publish inside)
         self._allocate(spec.max_tokens)
 
     # ---- buffers --------------------------------------------------------------------------------
@@ -151,18 +176,20 @@ class StepCapturer:
         self._narrow_NLK = torch.zeros(capacity, L, K, dtype=self._narrow, device=dev)
         # Cell state of the step: 0 not written this step, 1 valid, 2 written with ids out of range.
         self._state_NL = torch.zeros(capacity, L, dtype=torch.uint8, device=dev)
+        # What the host copies: the narrow rows and states of this rank's tokens (after a TP gather
+        # these differ from the buffers above, else they alias them).
+        self._out_ids_NLK = self._narrow_NLK
+        self._out_state_NL = self._state_NL
+        self._host_ids: list[torch.Tensor] = []
+        self._host_state: list[torch.Tensor] = []
         if self._cuda:
-            self._host_ids = [
-                torch.empty(capacity, L, K, dtype=self._narrow, pin_memory=True)
-                for _ in range(self._num_slots)
-            ]
-            self._host_state = [
-                torch.empty(capacity, L, dtype=torch.uint8, pin_memory=True)
-                for _ in range(self._num_slots)
-            ]
+            self._host_ids = [torch.empty(capacity, L, K, dtype=self._narrow, pin_memory=True)
+                              for _ in range(self._num_slots)]
+            self._host_state = [torch.empty(capacity, L, dtype=torch.uint8, pin_memory=True)
+                                for _ in range(self._num_slots)]
 
     def _grow(self, n: int) -> None:
-        if not self.growable:
+        if not self.growable or self._graph_steps:
             raise CaptureError(
                 f"step of {n} tokens exceeds the capture buffer of {self.capacity} rows and the "
                 "buffer cannot grow (CUDA-graph mode); raise CaptureSpec.max_tokens"
@@ -174,44 +201,82 @@ class StepCapturer:
     # ---- hot path ---------------------------------------------------------------------------------
     @property
     def in_step(self) -> bool:
-        return self._n is not None
+        return self._step is not None
 
     @property
     def step_tokens(self) -> int | None:
-        """Rows of the open step (``None`` outside a step)."""
-        return self._n
+        """Rows this rank keeps in the open step (``None`` outside a step)."""
+        return None if self._step is None else self._step.num_tokens
 
-    def begin_step(self, num_tokens: int, tag: Any = None) -> None:
-        """Open a step of ``num_tokens`` rows; ``tag`` travels with its snapshot to the sink."""
-        if self._n is not None:
-            raise CaptureError(f"begin_step({num_tokens}) while step {self._step} is still open")
+    def begin_step(self, num_tokens: int, tag: Any = None, *, view: RankView | None = None,
+                   layout: Layout | str | None = None) -> None:
+        """Open a step in which this rank keeps ``num_tokens`` rows.
+
+        ``view`` (with ``layout``, or inferred from the router's row count when None) says which
+        of the router's rows those are; without a view the router must see exactly
+        ``num_tokens`` rows (the local layout of a single process). ``tag`` travels with the
+        step's snapshot to the sink.
+        """
+        if self._step is not None:
+            raise CaptureError(f"begin_step({num_tokens}) while step {self._step_no} is still open")
         if num_tokens < 0:
             raise CaptureError(f"begin_step: expected num_tokens >= 0, got {num_tokens}")
-        if num_tokens > self.capacity:
-            self._grow(num_tokens)
-        self._n = num_tokens
-        self._tag = tag
+        if view is not None and view.my_tokens != num_tokens:
+            raise CaptureError(f"begin_step: num_tokens={num_tokens} but the view gives this rank "
+                               f"{view.my_tokens} tokens ({view.describe()})")
+        rows_needed = num_tokens
+        if view is not None and view.tp_size > 1:
+            rows_needed = max(rows_needed, view.tp_size * max(view.shard_size or 0, view.max_chunk))
+        if rows_needed > self.capacity:
+            self._grow(rows_needed)
+        self._step = _Step(num_tokens=num_tokens, tag=tag, view=view,
+                           layout=None if layout is None else Layout(layout),
+                           publish=view is None or view.tp_rank == 0, plans={})
         self._rows_L.zero_()
 
+    def _plan(self, step: _Step, num_rows: int) -> RowPlan:
+        plan = step.plans.get(num_rows)
+        if plan is None:
+            if step.view is None:
+                view = RankView(tokens_per_dp=(step.num_tokens,))
+                plan = plan_rows(Layout.LOCAL, view, num_rows)
+            elif step.layout is None:
+                plan = infer_layout(step.view, num_rows)
+            else:
+                plan = plan_rows(step.layout, step.view, num_rows)
+            step.plans[num_rows] = plan
+        return plan
+
     def capture(self, layer: int, topk_ids_NK: torch.Tensor) -> None:
-        """Record the ids one MoE layer chose for the rows of the open step.
-
-        ``topk_ids_NK`` must hold exactly the step's rows, in step order (parallel layouts are
-        resolved before this call, see :mod:`routecap.layout`).
-        """
-        n = self._n
-        if n is None:
+        """Record the ids one MoE layer chose for the router's rows of the open step."""
+        step = self._step
+        if step is None:
             return  # a forward outside any step (e.g. a warm-up the binding does not track)
-        problem = self._check(layer, topk_ids_NK, n)
+        problem = self._check(layer, topk_ids_NK)
         if problem is not None:
-            self._reject(problem[0], problem[1])
+            self._reject(*problem)
             return
-        if n:
-            self._ids_NLK[:n, layer].copy_(topk_ids_NK, non_blocking=True)
-        self._rows_L[layer].fill_(n)
+        try:
+            plan = self._plan(step, int(topk_ids_NK.shape[0]))
+        except LayoutError as e:
+            self._reject("rows", f"capture(layer {layer}): {e}")
+            return
+        if plan.tp_gather:
+            if step.gather is not None and step.gather != plan:
+                self._reject("rows", f"capture(layer {layer}): layers of one step disagree on "
+                             "how rows are sharded over TP")
+                return
+            step.gather = plan
+        dst = 0
+        for start, length in plan.segments:
+            if length:
+                self._ids_NLK[dst:dst + length, layer].copy_(
+                    topk_ids_NK[start:start + length], non_blocking=True)
+            dst += length
+        self._rows_L[layer].fill_(dst)
 
-    def _check(self, layer: Any, ids: Any, n: int) -> tuple[str, str] | None:
-        # NOTE: every check reads host-side metadata (shape, dtype, device) only: no sync.
+    def _check(self, layer: Any, ids: Any) -> tuple[str, str] | None:
+        # NOTE: every check reads host-side metadata (shape, dtype) only: no sync.
         L, K = self.spec.num_layers, self.spec.top_k
         if not isinstance(layer, int) or not 0 <= layer < L:
             return "layer", f"capture: expected layer in [0, {L}), got {layer!r}"
@@ -225,15 +290,6 @@ class StepCapturer:
             return "shape", (
                 f"capture(layer {layer}): expected ids of shape [N, K={K}], got {tuple(ids.shape)}"
             )
-        if ids.shape[0] != n:
-            return "rows", (
-                f"capture(layer {layer}): the step has {n} rows but the router gave "
-                f"{ids.shape[0]}; the rows were not resolved to this rank's tokens"
-            )
-        if ids.device != self.device:
-            return "device", (
-                f"capture(layer {layer}): expected ids on {self.device}, got {ids.device}"
-            )
         return None
 
     def _reject(self, kind: str, message: str) -> None:
@@ -243,47 +299,108 @@ class StepCapturer:
         if kind not in self._warned:
             self._warned.add(kind)
             warnings.warn(
-                f"routecap (lenient): {message}; the layer's rows of this step are marked missing "
+                f"routecap (lenient): {message}; the affected rows of this step are marked missing "
                 "(warned once per kind; see StepCapturer.events for counts)",
                 RuntimeWarning,
                 stacklevel=3,
             )
 
-    def end_step(self) -> None:
-        """Close the step: narrow, mark valid cells and start the copy to the host (no sync)."""
-        n = self._n
-        if n is None:
-            raise CaptureError("end_step() without begin_step()")
-        self._n = None
-        step, self._step = self._step, self._step + 1
+    def _finish_device(self, step: _Step) -> None:
+        """Device half of end_step: narrow, cell states, TP gather. No host sync."""
         E = self.spec.num_experts
-        ids = self._ids_NLK[:n]
-        written_NL = self._row_index_N[:n, None] < self._rows_L[None, :]
+        rows = step.gather.segments[0][1] if step.gather is not None else step.num_tokens
+        ids = self._ids_NLK[:rows]
+        written_NL = self._row_index_N[:rows, None] < self._rows_L[None, :]
         bad_NL = ((ids < 0) | (ids >= E)).any(dim=-1)
-        state = self._state_NL[:n]
+        state = self._state_NL[:rows]
         torch.add(written_NL.to(torch.uint8), bad_NL.to(torch.uint8), out=state)
         state.mul_(written_NL)
-        self._narrow_NLK[:n].copy_(ids)
+        self._narrow_NLK[:rows].copy_(ids)
+        if step.gather is None:
+            self._out_ids_NLK, self._out_state_NL = self._narrow_NLK, self._state_NL
+            return
+        plan = step.gather
+        S = plan.gather_rows
+        # every TP rank contributes S rows (its chunk, then whatever is below it: trimmed after)
+        ids_all = rcdist.all_gather_equal(self._narrow_NLK[:S], self.tp_group)
+        state_all = rcdist.all_gather_equal(self._state_NL[:S], self.tp_group)
+        out_ids = torch.empty_like(self._narrow_NLK)
+        out_state = torch.zeros_like(self._state_NL)
+        dst = 0
+        for t, chunk in enumerate(plan.tp_chunks):
+            if chunk:
+                out_ids[dst:dst + chunk].copy_(ids_all[t * S:t * S + chunk])
+                out_state[dst:dst + chunk].copy_(state_all[t * S:t * S + chunk])
+            dst += chunk
+        self._out_ids_NLK, self._out_state_NL = out_ids, out_state
+
+    def end_step(self) -> None:
+        """Close the step: narrow, mark valid cells and start the copy to the host (no sync)."""
+        step = self._step
+        if step is None:
+            raise CaptureError("end_step() without begin_step()")
+        self._step = None
+        try:
+            self._finish_device(step)
+        finally:
+            step_no, self._step_no = self._step_no, self._step_no + 1
+        if step.publish:
+            self._copy_out(step_no, step.num_tokens, step.tag)
+
+    def abort_step(self) -> None:
+        """Drop the open step (the forward failed); nothing of it reaches the sink."""
+        self._step = None
+
+    # ---- CUDA graphs ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def graph_step(self, num_tokens: int, *, view: RankView | None = None,
+                   layout: Layout | str | None = None) -> Iterator[None]:
+        """A step whose device work is recorded into a CUDA graph, at the graph's (padded) size.
+
+        Use inside ``torch.cuda.graph(g)`` around the model's forward; nothing is published at
+        capture time. After every ``g.replay()``, call :meth:`publish` with the real row count.
+        """
+        self._graph_steps += 1
+        try:
+            self.begin_step(num_tokens, view=view, layout=layout)
+            try:
+                yield
+            except BaseException:
+                self.abort_step()
+                raise
+            step = self._step
+            self._step = None
+            if step is None:
+                raise CaptureError("graph_step: the step was closed inside the graph")
+            self._finish_device(step)
+            self._graph_publish = step.publish
+        finally:
+            self._graph_steps -= 1
+
+    def publish(self, num_tokens: int, tag: Any = None) -> None:
+        """After a graph replay: hand the first ``num_tokens`` rows of the replayed step to the host."""
+        if num_tokens > self.capacity:
+            raise CaptureError(f"publish({num_tokens}): more rows than the buffer ({self.capacity})")
+        step_no, self._step_no = self._step_no, self._step_no + 1
+        if getattr(self, "_graph_publish", True):
+            self._copy_out(step_no, num_tokens, tag)
+
+    # ---- host side --------------------------------------------------------------------------------
+    def _copy_out(self, step_no: int, n: int, tag: Any) -> None:
         if not self._cuda:
-            self._deliver(step, n, self._tag, self._narrow_NLK[:n].numpy(), state.numpy())
+            self._deliver(step_no, tag, self._out_ids_NLK[:n].numpy(),
+                          self._out_state_NL[:n].numpy())
             return
         if not self._free_slots:
             # NOTE: backpressure: every pinned slot is in flight, so wait for the oldest copy.
             self._consume(block=True, limit=1)
         slot = self._free_slots.popleft()
-        self._host_ids[slot][:n].copy_(self._narrow_NLK[:n], non_blocking=True)
-        self._host_state[slot][:n].copy_(state, non_blocking=True)
+        self._host_ids[slot][:n].copy_(self._out_ids_NLK[:n], non_blocking=True)
+        self._host_state[slot][:n].copy_(self._out_state_NL[:n], non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._pending.append(_Pending(step=step, num_tokens=n, tag=self._tag, slot=slot, event=event))
-        self._tag = None
+        self._pending.append(_Pending(step=step_no, num_tokens=n, tag=tag, slot=slot, event=event))
 
-    def abort_step(self) -> None:
-        """Drop the open step (the forward failed); nothing of it reaches the sink."""
-        self._n = None
-        self._tag = None
-
-    # ---- host side --------------------------------------------------------------------------------
     def poll(self) -> int:
         """Hand every step whose copy has finished to the sink, without waiting. Returns how many."""
         return self._consume(block=False)
@@ -308,13 +425,13 @@ class StepCapturer:
             try:
                 ids = self._host_ids[p.slot][: p.num_tokens].numpy()
                 state = self._host_state[p.slot][: p.num_tokens].numpy()
-                self._deliver(p.step, p.num_tokens, p.tag, ids, state)
+                self._deliver(p.step, p.tag, ids, state)
             finally:
                 self._free_slots.append(p.slot)
             done += 1
         return done
 
-    def _deliver(self, step: int, n: int, tag: Any, ids: np.ndarray, state: np.ndarray) -> None:
+    def _deliver(self, step: int, tag: Any, ids: np.ndarray, state: np.ndarray) -> None:
         if ids.dtype != self._host_dtype:
             if ids.dtype.itemsize == self._host_dtype.itemsize:
                 ids = ids.view(self._host_dtype)

@@ -29,10 +29,12 @@ from torch import nn
 from ..capturer import CaptureSpec, StepCapturer, StepSnapshot
 from ..store import RouteStore
 from ..trace import RoutingTrace
+from .hf_dispatch import MoEDispatch, ParallelConfig
 
 __all__ = [
     "HFRouteCapture",
     "MoEModelInfo",
+    "ParallelConfig",
     "RouterSite",
     "UnsupportedModelError",
     "capture_generate",
@@ -63,6 +65,7 @@ class RouterSite:
     path: str  # module path of the router, e.g. "model.layers.3.mlp.gate"
     layer: int  # decoder layer number
     module: nn.Module
+    block: nn.Module  # the MoE block that holds the router and the experts
     num_experts: int
     top_k: int
     index_slot: int  # which element of the router's output tuple holds the top-k ids
@@ -124,8 +127,11 @@ def _probe_router(site_path: str, router: nn.Module, top_k: int, hidden: int | N
     cls = type(router).__name__
     params = list(router.parameters())
     ref = params[0] if params else None
-    if ref is None or ref.device.type == "meta" or hidden is None:
-        return 2  # cannot probe (weights not materialised): the step check catches a mismatch
+    sharded = any(type(p).__name__ == "DTensor" for p in params)
+    if ref is None or ref.device.type == "meta" or hidden is None or sharded:
+        # cannot probe (weights not materialised, or sharded at rest as under FSDP, where they
+        # are all-gathered only inside the forward): capture() checks the output at run time
+        return 2
     x = torch.zeros(3, hidden, dtype=ref.dtype, device=ref.device)
     try:
         with torch.no_grad():
@@ -212,7 +218,7 @@ def find_moe_routers(model: nn.Module, *, probe: bool = True) -> MoEModelInfo:
         if r_hidden is None and isinstance(w, torch.Tensor) and w.dim() == 2:
             r_hidden = int(w.shape[1])
         slot = _probe_router(f"{path}.{attr}", router, top_k, r_hidden, arch) if probe else 2
-        sites.append(RouterSite(path=f"{path}.{attr}", layer=layer, module=router,
+        sites.append(RouterSite(path=f"{path}.{attr}", layer=layer, module=router, block=block,
                                 num_experts=num_experts, top_k=top_k, index_slot=slot))
     if len(list_paths) != 1:
         raise UnsupportedModelError(
@@ -294,10 +300,11 @@ class HFRouteCapture:
     """
 
     def __init__(self, model: nn.Module, *, strict: bool = True, max_tokens: int = 4096,
-                 info: MoEModelInfo | None = None) -> None:
+                 info: MoEModelInfo | None = None, parallel: ParallelConfig | None = None) -> None:
         self.model = model
         self.info = info or find_moe_routers(model)
         self.strict = strict
+        self.parallel = parallel
         info = self.info
         spec = CaptureSpec(num_layers=len(info.sites), top_k=info.top_k,
                            num_experts=info.num_experts, max_tokens=max_tokens)
@@ -307,7 +314,13 @@ class HFRouteCapture:
                                         "the weights before capturing")
         self.store = RouteStore(num_layers=spec.num_layers, top_k=spec.top_k,
                                 num_experts=spec.num_experts)
-        self.capturer = StepCapturer(spec, device=device, sink=self._ingest, strict=strict)
+        self.capturer = StepCapturer(spec, device=device, sink=self._ingest, strict=strict,
+                                     tp_group=None if parallel is None else parallel.tp_group)
+        self.dispatch = None if parallel is None else MoEDispatch(
+            [s.block for s in info.sites], parallel, device)
+        #: False on every TP rank but the first: they capture (the TP gather needs them) but only
+        #: one rank of a TP group returns traces, so nothing is returned twice.
+        self.publishes = parallel is None or parallel.tp_rank == 0
         self._handles: list[Any] = []
         self.steps = 0
 
@@ -322,6 +335,8 @@ class HFRouteCapture:
         self._handles.append(step.register_forward_pre_hook(self._pre_step, with_kwargs=True))
         self._handles.append(step.register_forward_hook(self._post_step))
         del cap
+        if self.dispatch is not None:
+            self.dispatch.install()
         return self
 
     @property
@@ -337,6 +352,8 @@ class HFRouteCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self.dispatch is not None:
+            self.dispatch.remove()
         if self.capturer.in_step:
             self.capturer.abort_step()
 
@@ -361,7 +378,12 @@ class HFRouteCapture:
                 "inputs_embeds; cannot tell the step's tokens"
             )
         B, S = shape
-        cap.begin_step(B * S, tag=_StepTag(batch=B, seq=S, offset=_cache_length(kwargs)))
+        tag = _StepTag(batch=B, seq=S, offset=_cache_length(kwargs))
+        if self.dispatch is None:
+            cap.begin_step(B * S, tag=tag)
+        else:
+            view = self.dispatch.begin_step(B * S)
+            cap.begin_step(B * S, tag=tag, view=view, layout=self.parallel.layout)
 
     def _post_step(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.capturer.in_step:
@@ -400,9 +422,13 @@ class HFRouteCapture:
             generated_lengths: override: tokens generated per row (e.g. after stop strings).
             request_ids: one id per row (defaults to "0", "1", ...).
 
-        Drains the capture (the one host sync) and frees the rows it returns.
+        Drains the capture (the one host sync) and frees the rows it returns. On a TP rank that
+        does not publish (see :attr:`publishes`) it returns an empty list.
         """
         self.capturer.drain()
+        if not self.publishes:
+            self.store.clear()
+            return []
         seq = _to_numpy(sequences).astype(np.int64)
         if seq.ndim != 2:
             raise ValueError(f"collect: expected sequences of shape [B, W + G], got {seq.shape}")
@@ -497,11 +523,15 @@ def capture_generate(
     request_ids: Sequence[str] | None = None,
     capture: HFRouteCapture | None = None,
     strict: bool = True,
+    dummy: bool = False,
     **generate_kwargs: Any,
 ) -> tuple[list[RoutingTrace], torch.Tensor]:
     """Run ``model.generate`` over one left-padded batch and return (traces, sequences).
 
-    Beam search and assisted generation reorder or rewrite batch rows; they are refused.
+    ``dummy=True`` runs the batch only to keep a parallel group in step (a rank with no request
+    left); its routes are dropped and no trace is returned. Under a parallel capture every rank
+    must run the same number of forwards, so ``synced_gpus`` defaults to True there. Beam search
+    and assisted generation reorder or rewrite batch rows; they are refused.
     """
     for key, bad in (("num_beams", lambda v: v not in (None, 1)),
                      ("assistant_model", lambda v: v is not None),
@@ -511,18 +541,22 @@ def capture_generate(
                              "(it reorders or rewrites batch rows)")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if capture is not None and capture.parallel is not None:
+        generate_kwargs.setdefault("synced_gpus", True)
     cap = capture if capture is not None else HFRouteCapture(model, strict=strict)
     own = not cap.active  # hooks installed here are removed here
     try:
         if own:
             cap.__enter__()
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: FSDP (transformers EP) needs version counters
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                  **generate_kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         eos = generate_kwargs.get("eos_token_id")
         traces = cap.collect(sequences=sequences, attention_mask=attention_mask,
                              eos_token_id=eos, request_ids=request_ids)
+        if dummy:
+            traces = []
     finally:
         if own:
             cap.close()

@@ -1,0 +1,126 @@
+"""routecap's promise over transformers MoE architectures beyond the golden-tested seven.
+
+The promise (README): any architecture either works or is refused with an error that names it.
+For each tiny random model in ``extra_architectures.CASES`` this checks exactly one of:
+
+* works: ``capture_generate`` over a left-padded batch of 3 prompts of different lengths (greedy,
+  4 new tokens, no EOS) returns one trace per request whose routes equal, cell for cell, those of
+  a slow reference: one plain, unpadded, uncached forward per request over the trace's token ids,
+  with a forward hook on every router recording its chosen ids. Rows of routers that use
+  ``topk(sorted=False)`` are compared as sets. The captured MoE layers must be the ones the config
+  puts a router in, and no cell may be missing.
+* refused: ``find_moe_routers`` and ``HFRouteCapture`` raise ``UnsupportedModelError`` whose
+  message names the architecture (``config.architectures[0]`` or the model's class name).
+
+A case that does neither is a finding: it is marked ``xfail(strict=True)`` with the reason, so the
+suite stays green while the gap stays visible (and turns red once it is fixed, to be promoted).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from extra_architectures import CASES, ArchCase, tiny_model
+
+from routecap.integrations.hf import (
+    HFRouteCapture,
+    UnsupportedModelError,
+    capture_generate,
+    find_moe_routers,
+)
+
+PROMPT_LENGTHS = (5, 2, 8)  # request 1 is left-padded by 6, request 0 by 3
+MAX_NEW = 4
+
+
+def _params() -> list:
+    out = []
+    for case in CASES:
+        marks = [pytest.mark.xfail(strict=True, reason=case.finding)] if case.finding else []
+        out.append(pytest.param(case, id=case.id, marks=marks))
+    return out
+
+
+def _left_padded_prompts(lengths=PROMPT_LENGTHS, vocab=300, seed=0):
+    """ids_BW, mask_BW: random tokens in [3, vocab), left-padded with 0."""
+    g = torch.Generator().manual_seed(seed)
+    W = max(lengths)
+    ids_BW = torch.zeros(len(lengths), W, dtype=torch.long)
+    mask_BW = torch.zeros(len(lengths), W, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids_BW[b, W - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask_BW[b, W - n:] = 1
+    return ids_BW, mask_BW
+
+
+def _architecture_names(model) -> set[str]:
+    archs = getattr(model.config, "architectures", None) or []
+    return {type(model).__name__, *(str(a) for a in archs[:1])}
+
+
+def _reference_routes_TLK(model, info, token_ids_T) -> np.ndarray:
+    """[T, L, K] chosen ids from one unpadded, uncached forward over ``token_ids_T``."""
+    got: dict[int, torch.Tensor] = {}
+    handles = []
+    for site in info.sites:
+        def hook(module, args, output, layer=site.layer, slot=site.index_slot):
+            assert layer not in got, f"router of layer {layer} ran twice in one forward"
+            got[layer] = output[slot].detach().clone()
+        handles.append(site.module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.as_tensor(token_ids_T, dtype=torch.long)[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [s.layer for s in info.sites if s.layer not in got]
+    assert not missing, f"reference forward never ran the routers of layers {missing}"
+    return np.stack([got[s.layer].numpy() for s in info.sites], axis=1)
+
+
+def _check_works(case: ArchCase, model) -> None:
+    info = find_moe_routers(model)
+    assert info.moe_layers == case.moe_layers, (
+        f"routers found in layers {info.moe_layers}, the config puts them in {case.moe_layers}")
+    ids_BW, mask_BW = _left_padded_prompts()
+    traces, seq_BX = capture_generate(model, ids_BW, mask_BW, max_new_tokens=MAX_NEW,
+                                      do_sample=False, eos_token_id=[], pad_token_id=0)
+    W = ids_BW.shape[1]
+    assert len(traces) == len(PROMPT_LENGTHS)
+    for b, (trace, P) in enumerate(zip(traces, PROMPT_LENGTHS)):
+        T = P + MAX_NEW - 1  # the last generated token never ran
+        assert trace.num_tokens == T and trace.prompt_len == P
+        assert trace.token_ids.tolist() == seq_BX[b, W - P:W - P + T].tolist()
+        assert trace.missing is None, f"request {b}: missing cells {np.argwhere(trace.missing)}"
+        assert trace.moe_layers == case.moe_layers
+        got_TLK = trace.expert_ids.astype(np.int64)
+        ref_TLK = _reference_routes_TLK(model, info, trace.token_ids)
+        assert got_TLK.shape == ref_TLK.shape
+        if case.unsorted:
+            got_TLK, ref_TLK = np.sort(got_TLK, axis=-1), np.sort(ref_TLK, axis=-1)
+        bad_TL = (got_TLK != ref_TLK).any(axis=-1)
+        assert not bad_TL.any(), (
+            f"request {b}: routes differ from the reference at (token, layer) "
+            f"{np.argwhere(bad_TL).tolist()}")
+
+
+def _check_refused(case: ArchCase, model) -> None:
+    names = _architecture_names(model)
+    for attempt in (find_moe_routers, HFRouteCapture):
+        with pytest.raises(UnsupportedModelError) as err:
+            attempt(model)
+        msg = str(err.value)
+        assert any(name in msg for name in names), f"{msg!r} names none of {sorted(names)}"
+        assert case.refusal in msg, f"{msg!r} lacks {case.refusal!r}"
+
+
+@pytest.mark.parametrize("case", _params())
+def test_architecture_works_or_is_refused_by_name(case: ArchCase):
+    model = tiny_model(case, seed=1)
+    if case.expect == "works":
+        _check_works(case, model)
+    elif case.expect == "refused":
+        _check_refused(case, model)
+    else:
+        raise AssertionError(f"unknown expectation {case.expect!r}")
