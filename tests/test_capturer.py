@@ -174,3 +174,68 @@ def test_two_capturers_do_not_share_state():
     a.end_step()
     b.end_step()
     assert sa.steps[0][1].tolist() == [[[1, 2]]] and sb.steps[0][1].tolist() == [[[3, 4]]]
+
+
+# ---- parallel layouts ------------------------------------------------------------------------
+from routecap.layout import RankView  # noqa: E402
+
+
+def test_gathered_rows_of_this_rank():
+    # DP=3, this is rank 1 with 2 tokens; the router saw all 1 + 2 + 3 rows in rank order
+    cap, sink = capturer(L=1)
+    view = RankView(tokens_per_dp=[1, 2, 3], dp_rank=1)
+    cap.begin_step(2, view=view)  # layout inferred
+    cap.capture(0, ids([0, 1], [2, 3], [4, 5], [6, 7], [1, 3], [5, 7]))
+    cap.end_step()
+    assert sink.steps[0][1][:, 0].tolist() == [[2, 3], [4, 5]]
+
+
+def test_padded_shards_of_this_rank():
+    # DP=2, shards of 3 rows (CUDA-graph padding): rank 1 has 2 real tokens at rows 3 and 4
+    cap, sink = capturer(L=1)
+    view = RankView(tokens_per_dp=[1, 2], dp_rank=1, shard_size=3)
+    cap.begin_step(2, view=view, layout="gathered_padded")
+    cap.capture(0, ids([0, 1], [7, 7 - 1], [7, 5], [2, 3], [4, 5], [6, 7]))
+    cap.end_step()
+    assert sink.steps[0][1][:, 0].tolist() == [[2, 3], [4, 5]]
+
+
+def test_mismatched_rows_strict_and_lenient_never_stale():
+    view = RankView(tokens_per_dp=[2, 2], dp_rank=0)
+    # strict: a clear error naming every size
+    cap, sink = capturer()
+    cap.begin_step(2, view=view, layout="gathered")
+    with pytest.raises(CaptureError) as e:
+        cap.capture(0, ids([1, 2], [3, 4], [5, 6]))
+    assert "N=3 rows, which does not fit the declared layout (gathered: N = sum(n) = 4)" in str(e.value)
+    assert "tokens_per_dp=[2, 2]" in str(e.value)
+    # lenient: step 0 is fine; in step 1 layer 1 sees 3 rows: its cells of step 1 are missing,
+    # never step 0's values still in the buffer
+    cap, sink = capturer(strict=False)
+    for step in range(2):
+        cap.begin_step(2, view=view)
+        cap.capture(0, ids([1, 2], [3, 4], [5, 6], [7, 0]))
+        if step == 0:
+            cap.capture(1, ids([1, 2], [3, 4], [5, 6], [7, 0]))
+        else:
+            with pytest.warns(RuntimeWarning, match="fits no layout"):
+                cap.capture(1, ids([1, 2], [3, 4], [5, 6]))
+        cap.end_step()
+    assert sink.steps[0][2].all()
+    assert sink.steps[1][2].tolist() == [[True, False], [True, False]]
+    assert cap.events["rows"] == 1
+
+
+def test_non_publishing_tp_rank_captures_but_returns_nothing():
+    cap, sink = capturer(L=1)
+    view = RankView(tokens_per_dp=[2], tp_size=2, tp_rank=1)
+    cap.begin_step(2, view=view, layout="local")
+    cap.capture(0, ids([1, 2], [3, 4]))
+    cap.end_step()
+    assert sink.steps == []
+
+
+def test_view_must_agree_with_step_tokens():
+    cap, _ = capturer()
+    with pytest.raises(CaptureError, match="num_tokens=3 but the view gives this rank 2"):
+        cap.begin_step(3, view=RankView(tokens_per_dp=[2, 5], dp_rank=0))

@@ -132,3 +132,35 @@ def test_show_corrupt_and_unknown_request(tmp_path):
 def test_version():
     r = run("--version")
     assert r.returncode == 0 and r.stdout.startswith("routecap ")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("dispatch", ["local", "gathered"])
+def test_capture_data_parallel_matches_single_process(tmp_path, dispatch):
+    import dataclasses
+
+    args = ["capture", "--model", "builtin:tiny-qwen3-moe", "--prompts", "examples/prompts.txt",
+            "--max-new-tokens", "4", "--batch-size", "4"]
+    r = run(*args, "--out", str(tmp_path / "one"))
+    assert r.returncode == 0, r.stderr
+    r = run(*args, "--out", str(tmp_path / "dp"), "--nproc", "2", "--dispatch", dispatch)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("wrote 12 traces") == 1  # rank 0 reports
+    one = {t.request_id: t for t in open_traces(tmp_path / "one")}
+    dp = open_traces(tmp_path / "dp")
+    assert sorted(p.name for p in dp.shards) == ["rank00000-00000.safetensors",
+                                                  "rank00001-00000.safetensors"]
+    got = {t.request_id: t for t in dp}
+    assert sorted(got) == sorted(one)
+    for rid, t in got.items():
+        assert t.extra["dp_rank"] == int(rid) % 2
+        assert dataclasses.replace(t, extra={}).equals(one[rid])
+    s_one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s_dp = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert s_dp["layers"] == s_one["layers"] and s_dp["nproc"] == 2
+
+
+def test_dispatch_needs_several_processes(tmp_path):
+    r = run("capture", "--model", "builtin:tiny-qwen3-moe", "--prompts", "examples/prompts.txt",
+            "--out", str(tmp_path), "--dispatch", "gathered")
+    assert r.returncode == 2 and "needs several processes (--nproc N, N > 1)" in r.stderr

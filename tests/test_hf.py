@@ -37,20 +37,21 @@ def _reference_routes(model, info, token_ids):
         handles.append(site.module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(input_ids=torch.as_tensor(token_ids)[None].long(), use_cache=False)
+            model(input_ids=torch.as_tensor(token_ids)[None].long().to(model.device),
+                  use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    ids = np.stack([out[s.layer][0].numpy() for s in info.sites], axis=1)
-    margins = np.stack([_margin(s.module, out[s.layer][1].float(), s.top_k) for s in info.sites],
-                       axis=1)
+    ids = np.stack([out[s.layer][0].cpu().numpy() for s in info.sites], axis=1)
+    margins = np.stack([_margin(s.module, out[s.layer][1].float().cpu(), s.top_k)
+                        for s in info.sites], axis=1)
     return ids, margins
 
 
 def _margin(router: nn.Module, logits: torch.Tensor, k: int) -> np.ndarray:
     """Gap between the k-th chosen and the best unchosen selection score, per row."""
     if hasattr(router, "e_score_correction_bias"):  # DeepSeek-style: sigmoid + bias, by groups
-        scores = logits.sigmoid() + router.e_score_correction_bias.float()
+        scores = logits.sigmoid() + router.e_score_correction_bias.float().cpu()
         g, kg = router.num_group, router.topk_group
         grouped = scores.view(scores.shape[0], g, -1)
         group_scores = grouped.topk(2, dim=-1)[0].sum(-1)

@@ -83,39 +83,48 @@ class TraceSummary:
 
 
 class LoadCounter:
-    """Accumulates a :class:`TraceSummary` one trace at a time (constant memory)."""
+    """Accumulates a :class:`TraceSummary` one trace at a time (constant memory, picklable)."""
 
     def __init__(self) -> None:
-        self._first: RoutingTrace | None = None
+        self._meta: tuple[str, int, tuple[int, ...], int] | None = None  # model, E, layers, K
         self._counts: np.ndarray | None = None
         self.num_requests = 0
         self.num_tokens = 0
         self.num_missing = 0
 
-    def add(self, trace: RoutingTrace) -> None:
-        if self._first is None:
-            self._first = trace
-            self._counts = np.zeros((trace.num_layers, trace.num_experts), np.int64)
-        elif (trace.num_experts, trace.moe_layers, trace.top_k) != (
-            self._first.num_experts, self._first.moe_layers, self._first.top_k
-        ):
+    def _check(self, meta: tuple[str, int, tuple[int, ...], int], who: str) -> None:
+        if self._meta is None:
+            self._meta = meta
+            self._counts = np.zeros((len(meta[2]), meta[1]), np.int64)
+        elif meta[1:] != self._meta[1:]:
             raise ValueError(
-                f"summary: request {trace.request_id!r} has (E, moe_layers, K) = "
-                f"{(trace.num_experts, trace.moe_layers, trace.top_k)}, expected "
-                f"{(self._first.num_experts, self._first.moe_layers, self._first.top_k)}"
-            )
+                f"summary: {who} has (E, moe_layers, K) = {meta[1:]}, expected {self._meta[1:]}")
+
+    def add(self, trace: RoutingTrace) -> None:
+        self._check((trace.model, trace.num_experts, trace.moe_layers, trace.top_k),
+                    f"request {trace.request_id!r}")
         self._counts += expert_counts(trace)
         self.num_requests += 1
         self.num_tokens += trace.num_tokens
         self.num_missing += trace.num_missing
 
+    def merge(self, other: LoadCounter) -> None:
+        """Add another counter's totals (e.g. another data-parallel rank's)."""
+        if other._meta is None:
+            return
+        self._check(other._meta, "another counter")
+        self._counts += other._counts
+        self.num_requests += other.num_requests
+        self.num_tokens += other.num_tokens
+        self.num_missing += other.num_missing
+
     def summary(self) -> TraceSummary:
-        if self._first is None:
+        if self._meta is None:
             raise ValueError("summary: no traces")
-        f = self._first
-        return TraceSummary(model=f.model, num_requests=self.num_requests,
+        model, E, layers, K = self._meta
+        return TraceSummary(model=model, num_requests=self.num_requests,
                             num_tokens=self.num_tokens, num_missing=self.num_missing,
-                            num_experts=f.num_experts, top_k=f.top_k, moe_layers=f.moe_layers,
+                            num_experts=E, top_k=K, moe_layers=layers,
                             counts_LE=self._counts.copy())
 
 

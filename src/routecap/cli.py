@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -36,6 +37,13 @@ class DType(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
+
+
+class Dispatch(str, Enum):
+    local = "local"
+    gathered = "gathered"
+    gathered_padded = "gathered_padded"
+    ep = "ep"
 
 
 class PromptFormat(str, Enum):
@@ -81,63 +89,6 @@ def _resolve_dtype(dtype: DType, device: str) -> Any:
     if dtype is DType.auto:
         return torch.bfloat16 if device == "cuda" else torch.float32
     return getattr(torch, dtype.value)
-
-
-def load_model(name: str, *, device: str, dtype: Any) -> tuple[Any, Any]:
-    """(model, tokenizer) for ``builtin:NAME`` or a local transformers model folder."""
-    from .builtin import BUILTIN_PREFIX, load_builtin
-
-    if name.startswith(BUILTIN_PREFIX):
-        try:
-            return load_builtin(name, device=device, dtype=dtype)
-        except ValueError as e:
-            raise _fail(f"--model: {e}") from None
-    path = Path(name)
-    if not path.is_dir():
-        raise _fail(f"--model {name}: no such folder, and not a built-in model (built-ins: "
-                    "builtin:tiny-qwen3-moe). Models are loaded from local folders only.")
-    if not (path / "config.json").is_file():
-        raise _fail(f"--model {name}: no config.json in it; expected a transformers model folder "
-                    "(as written by save_pretrained)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise _fail(f"--model {name}: cannot load a transformers causal LM from it ({e})") from None
-    model.to(device).eval()
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
-
-
-def _encode_batch(batch: list[Any], tok: Any, vocab: int) -> tuple[Any, Any]:
-    """Left-padded input_ids and attention_mask for a batch of prompts."""
-    import torch
-
-    rows: list[list[int]] = []
-    for p in batch:
-        if p.token_ids is not None:
-            bad = [t for t in p.token_ids if t >= vocab]
-            if bad:
-                raise _fail(f"request {p.request_id!r}: token id {bad[0]} is outside the model's "
-                            f"vocabulary of {vocab}")
-            rows.append(list(p.token_ids))
-        else:
-            ids = tok(p.text, add_special_tokens=True)["input_ids"]
-            if not ids:
-                raise _fail(f"request {p.request_id!r}: the prompt tokenizes to nothing")
-            rows.append(list(ids))
-    W = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), W), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), W), dtype=torch.long)
-    for b, r in enumerate(rows):
-        input_ids[b, W - len(r):] = torch.tensor(r)
-        mask[b, W - len(r):] = 1
-    return input_ids, mask
 
 
 def print_summary(summary: Any, *, title: str) -> None:
@@ -186,14 +137,24 @@ def capture(
                                          "or mark it missing and go on.")] = True,
     shard_requests: Annotated[int, typer.Option(min=1, help="Requests per shard file.")] = 1024,
     overwrite: Annotated[bool, typer.Option(help="Replace traces already in --out.")] = False,
+    nproc: Annotated[int, typer.Option(min=1, help="Data-parallel processes (torchrun-style "
+                                                    "launch; each rank writes its own shards).")]
+    = 1,
+    dispatch: Annotated[Dispatch, typer.Option(help="With --nproc > 1: local (each rank routes "
+                                               "its tokens), gathered / gathered_padded (the "
+                                               "routers see every rank's tokens, as vLLM's naive "
+                                               "dispatch), ep (transformers' expert parallelism, "
+                                               "all-to-all).")] = Dispatch.local,
 ) -> None:
     """Capture the routes of every prompt and write one trace per request plus a summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .analysis import LoadCounter
-    from .files import TraceFileError, TraceWriter, _atomic_write
+    from .capture_job import CaptureJob, JobError, run_capture_job
+    from .files import TraceFileError
+    from .integrations.hf import UnsupportedModelError
     from .prompts import PromptFileError, read_prompts
 
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_launch(nproc))
+    rank = int(os.environ.get("RANK", "0"))
     try:
         items = read_prompts(prompts, prompts_format.value)
     except PromptFileError as e:
@@ -204,52 +165,43 @@ def capture(
     if out_dir.exists() and not out_dir.is_dir():
         raise _fail(f"--out {out_dir}: exists and is not a folder")
     dev = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, dev)
-    import torch
+    job = CaptureJob(model=model, prompts=items, out_dir=out_dir, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, device=dev, dtype=_resolve_dtype(dtype, dev),
+                     seed=seed, sample=sample, temperature=temperature, top_p=top_p,
+                     strict=strict, shard_requests=shard_requests, overwrite=overwrite,
+                     dispatch=dispatch.value)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .integrations.hf import HFRouteCapture, UnsupportedModelError, capture_generate
-
-    lm, tok = load_model(model, device=dev, dtype=torch_dtype)
-    try:
-        cap = HFRouteCapture(lm, strict=strict)
-    except UnsupportedModelError as e:
-        raise _fail(str(e)) from None
-    try:
-        writer = TraceWriter(out_dir, max_requests=shard_requests, overwrite=overwrite)
-    except (FileExistsError, NotADirectoryError, TraceFileError) as e:
-        raise _fail(f"{e}; pass --overwrite or choose another --out") from None
-    vocab = int(lm.get_input_embeddings().weight.shape[0])
-    counter = LoadCounter()
-    torch.manual_seed(seed)
-    gen: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sample)
-    if sample:
-        gen.update(temperature=temperature, top_p=top_p)
-    if tok.pad_token_id is not None:
-        gen["pad_token_id"] = tok.pad_token_id
     progress = Progress(TextColumn("capturing"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("requests"), TimeElapsedColumn(), console=err,
-                        disable=not err.is_terminal)
-    with cap, writer, progress:
-        task = progress.add_task("capture", total=len(items))
-        for i in range(0, len(items), batch_size):
-            batch = items[i:i + batch_size]
-            input_ids, mask = _encode_batch(batch, tok, vocab)
-            traces, _ = capture_generate(
-                lm, input_ids.to(dev), mask.to(dev), capture=cap,
-                request_ids=[p.request_id for p in batch], **gen)
-            for t in traces:
-                writer.append(t)
-                counter.add(t)
-            progress.advance(task, len(batch))
-    summary = counter.summary()
-    payload = {"routecap_version": __version__, "command": "capture", "model": model,
-               "device": dev, "dtype": str(torch_dtype).removeprefix("torch."),
-               "max_new_tokens": max_new_tokens, "sample": sample, "seed": seed,
-               "shards": [s["file"] for s in writer.shards], **summary.to_dict()}
-    _atomic_write(out_dir / "summary.json", json.dumps(payload, indent=1))
+                        disable=not err.is_terminal or rank != 0)
+    try:
+        with progress:
+            task = progress.add_task("capture", total=len(items))
+            result = run_capture_job(job, advance=lambda n: progress.advance(task, n))
+    except (JobError, UnsupportedModelError, TraceFileError) as e:
+        raise _fail(str(e)) from None
+    except FileExistsError as e:
+        raise _fail(f"{e}; pass --overwrite or choose another --out") from None
+    if result.rank != 0:
+        return
+    summary = result.summary
     print_summary(summary, title=f"routecap capture -> {out_dir}")
-    out.print(f"wrote {summary.num_requests} traces in {len(writer.shards)} shard(s) and "
+    out.print(f"wrote {summary.num_requests} traces in {len(result.shards)} shard(s) and "
               f"summary.json to {out_dir}")
+
+
+def _launch(nproc: int) -> int:
+    """Re-run this command as ``nproc`` local ranks (torchrun's environment); rank 0 prints."""
+    from .launch import launch, main_module_argv
+
+    results = launch(main_module_argv(sys.argv[1:]), nproc)
+    codes = [r.returncode for r in results]
+    bad = [c for c in codes if c != 0]
+    if bad:
+        err.print(f"[bold red]error:[/] ranks exited with codes {codes}")
+        return bad[0] if bad[0] > 0 else 1
+    return 0
 
 
 @app.command()

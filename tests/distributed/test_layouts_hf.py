@@ -106,3 +106,24 @@ def test_local_layout_with_transformers_expert_parallelism(tmp_path, world, coun
                                    ",".join(map(str, counts)), "--ep-model",
                                    str(tmp_path / "model")], world)
     _check(tmp_path, world, counts)
+
+
+def _transformers_has_tp_style_ep() -> bool:
+    try:
+        from transformers.distributed import DistributedConfig
+
+        DistributedConfig(tp_size=2, enable_expert_parallel=True)
+    except Exception:  # noqa: BLE001
+        return False
+    return not _transformers_has_ep()
+
+
+@pytest.mark.skipif(not _transformers_has_tp_style_ep(),
+                    reason="only transformers 5.17-style expert parallelism remaps router outputs")
+def test_router_outputs_remapped_to_local_ids_are_refused(tmp_path):
+    model = tiny_model("qwen3_moe", seed=0)
+    model.save_pretrained(tmp_path / "model")
+    outs = run_ranks(HERE / "ep517_worker.py", [str(tmp_path / "model")], 2)
+    for o in outs:
+        assert "REFUSED:" in o.stdout and "EpRouterParallel" in o.stdout, o.stdout
+        assert "this rank's local ids" in o.stdout

@@ -160,6 +160,26 @@ def _probe_router(site_path: str, router: nn.Module, top_k: int, hidden: int | N
     return slots[0]
 
 
+def _remapped_by(router: nn.Module) -> str | None:
+    """The name of a parallel style that rewrites the router's outputs, if one is installed.
+
+    transformers 5.17's expert parallelism (``enable_expert_parallel``) replaces the router's
+    ``forward`` with a wrapper (``EpRouterParallel``) that turns the chosen global expert ids into
+    this rank's local ids, with a sentinel for experts on other ranks. A hook then sees local ids,
+    which are not the routes: such routers are refused rather than recorded wrongly.
+    """
+    fwd = router.__dict__.get("forward")
+    for cell in getattr(fwd, "__closure__", None) or ():
+        try:
+            obj = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        for cls in type(obj).__mro__:
+            if cls.__name__ in ("EpRouterParallel", "RouterParallel"):
+                return type(obj).__name__
+    return None
+
+
 def find_moe_routers(model: nn.Module, *, probe: bool = True) -> MoEModelInfo:
     """Find every MoE router of a transformers model, or refuse the model with a clear error.
 
@@ -213,6 +233,15 @@ def find_moe_routers(model: nn.Module, *, probe: bool = True) -> MoEModelInfo:
                 f"{arch}: cannot tell the number of experts ({num_experts}) or top-k ({top_k}) of "
                 f"the router at {path}.{attr}"
             )
+        style = _remapped_by(router)
+        if style is not None:
+            raise UnsupportedModelError(
+                f"{arch}: the router at {path}.{attr} is wrapped by transformers' {style}, which "
+                "replaces the chosen global expert ids with this rank's local ids before any hook "
+                "sees them (transformers 5.17 expert parallelism, enable_expert_parallel=True); "
+                "routecap will not record those as routes. Use a transformers with all-to-all "
+                "expert parallelism (DistributedConfig(ep_size=..., ep_implementation="
+                "'all_to_all')) or routecap's gathered dispatch")
         r_hidden = _first_attr([router], ["hidden_dim", "hidden_size"]) or hidden
         w = getattr(router, "weight", None)
         if r_hidden is None and isinstance(w, torch.Tensor) and w.dim() == 2:
