@@ -293,3 +293,84 @@ def test_lenient_capture_marks_missing_instead_of_raising():
             capture_generate(model, ids, mask, max_new_tokens=2, do_sample=False)
     finally:
         handle.remove()
+
+
+# ---- multi-turn with a persistent store --------------------------------------------------------
+def _cache_kwarg(model):
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else (
+        "past_key_values")
+
+
+def test_multi_turn_reuses_the_kv_cache_and_the_stored_routes():
+    from routecap.store import RouteStore
+
+    model, tok = load_builtin("tiny-qwen3-moe")
+    info = find_moe_routers(model)
+    store = RouteStore(num_experts=16, moe_layers=info.moe_layers, top_k=4, block_size=4,
+                       model="builtin:tiny-qwen3-moe")
+    cap = HFRouteCapture(model, store=store)
+    enc = tok(["hello there"], return_tensors="pt")
+    gen = dict(do_sample=False, return_dict_in_generate=True, eos_token_id=[])
+    with cap, torch.no_grad():
+        out1 = model.generate(**enc, max_new_tokens=5, **gen)
+        (t1,) = cap.collect(sequences=out1.sequences, attention_mask=enc["attention_mask"],
+                            request_ids=["chat"], eos_token_id=[])
+        S1 = out1.sequences.shape[1]
+        assert t1.num_tokens == S1 - 1
+        ids2 = torch.cat([out1.sequences, tok([" and then?"], return_tensors="pt")["input_ids"]], 1)
+        mask2 = torch.ones_like(ids2)
+        rows_before = cap.rows_computed
+        out2 = model.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=4,
+                              **{_cache_kwarg(model): out1.past_key_values}, **gen)
+        turn2_rows = cap.rows_computed - rows_before
+        (t2_new,) = cap.collect(sequences=out2.sequences, attention_mask=mask2,
+                                request_ids=["chat"], eos_token_id=[], start=S1 - 1)
+    T2 = ids2.shape[1] + 4 - 1
+    # only the new positions ran: from the last token of turn 1 (its forward never ran in turn 1)
+    assert turn2_rows == T2 - (S1 - 1)
+    assert (t2_new.start, t2_new.end, t2_new.prompt_len) == (S1 - 1, T2, ids2.shape[1])
+    full = store.take("chat", 0, T2)
+    assert np.array_equal(full.expert_ids[:S1 - 1], t1.expert_ids)  # turn 1 from the store
+    assert np.array_equal(full.expert_ids[S1 - 1:], t2_new.expert_ids)
+    # and the whole conversation equals a from-scratch forward over its tokens
+    ref, margins = _reference_routes(model, info, out2.sequences[0, :T2])
+    bad = _flips(full.expert_ids.astype(np.int64), ref, False)
+    assert (margins[bad] < MARGIN_TOL).all() and not bad.any()
+    assert full.missing is None
+
+
+def test_continuing_a_cache_the_store_never_saw_is_refused():
+    from routecap.store import RouteStore
+
+    model, tok = load_builtin("tiny-qwen3-moe")
+    info = find_moe_routers(model)
+    enc = tok(["hello there"], return_tensors="pt")
+    with torch.no_grad():
+        out1 = model.generate(**enc, max_new_tokens=3, do_sample=False,
+                              return_dict_in_generate=True, eos_token_id=[])
+    store = RouteStore(num_experts=16, moe_layers=info.moe_layers, top_k=4)
+    with HFRouteCapture(model, store=store) as cap, torch.no_grad():
+        seq = model.generate(input_ids=out1.sequences, max_new_tokens=2, do_sample=False,
+                             attention_mask=torch.ones_like(out1.sequences), eos_token_id=[],
+                             **{_cache_kwarg(model): out1.past_key_values})
+        with pytest.raises(ValueError, match="continued a KV cache of .* positions that routecap "
+                           "never stored"):
+            cap.collect(sequences=seq, attention_mask=torch.ones_like(out1.sequences),
+                        request_ids=["x"], eos_token_id=[])
+    with pytest.raises(ValueError, match=r"the store holds \(E, moe_layers, K\)"):
+        HFRouteCapture(model, store=RouteStore(num_experts=8, moe_layers=[0], top_k=2))
+
+
+def test_collect_start_offset_without_store():
+    model = tiny_model("qwen3_moe")
+    ids, mask = _prompts(lengths=(4, 2))
+    full, _ = capture_generate(model, ids, mask, max_new_tokens=3, do_sample=False,
+                               eos_token_id=[])
+    with HFRouteCapture(model) as cap, torch.no_grad():
+        seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3,
+                             do_sample=False, eos_token_id=[])
+        part = cap.collect(sequences=seq, attention_mask=mask, eos_token_id=[], start=[2, 1])
+    for f, p, s in zip(full, part, [2, 1]):
+        assert p.equals(f.slice(s))

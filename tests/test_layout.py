@@ -61,7 +61,7 @@ def _apply(plan, rows_by_tp_rank, tp_rank):
     if not plan.tp_gather:
         return mine
     gathered = []
-    for t, rows in enumerate(rows_by_tp_rank):
+    for rows in rows_by_tp_rank:
         part = rows[: plan.gather_rows]  # each TP rank contributes its padded chunk
         gathered.append(part + [PAD] * (plan.gather_rows - len(part)))
     out = []

@@ -1,77 +1,253 @@
+"""RouteStore: each scheduler event by hand, then a simulator fuzz against the true routes."""
+
+from __future__ import annotations
+
 import numpy as np
 import pytest
+from scheduler_sim import simulate
 
-from routecap.store import RouteStore, StoreError
+from routecap.store import EVICTED, NOT_WRITTEN, PRESENT, RouteStore, StoreError
 
-
-def rows(values, L=1, K=2):
-    """Rows whose ids are [v, v+1] at every layer: easy to read in expected values."""
-    return np.array([[[v, v + 1]] * L for v in values], np.uint8).reshape(len(values), L, K)
+P = 4  # block size in these hand-worked cases
 
 
-def test_write_take_roundtrip():
-    s = RouteStore(num_layers=1, top_k=2, num_experts=16)
-    s.write("a", 0, rows([1, 2, 3]))
-    ids, missing = s.take("a")
-    assert missing is None and ids[:, 0, 0].tolist() == [1, 2, 3]
-    ids, missing = s.take("a", 1, 3)
-    assert ids[:, 0, 0].tolist() == [2, 3]
+def rows(*values, L=1):
+    """Rows whose ids are [v, v+1] at every layer: the value names the row in expectations."""
+    return np.array([[[v, v + 1]] * L for v in values], np.uint8).reshape(len(values), L, 2)
 
 
-def test_rewrite_drops_everything_after_the_restart():
-    # positions:  0 1 2 3 4        written first
-    #                 2 3          rewritten (a cropped cache): 4 must not survive
-    s = RouteStore(num_layers=1, top_k=2, num_experts=16)
-    s.write("a", 0, rows([1, 2, 3, 4, 5]))
-    s.write("a", 2, rows([9, 10]))
-    assert s.length("a") == 4
-    ids, missing = s.take("a", 0, 5)
-    assert ids[:4, 0, 0].tolist() == [1, 2, 9, 10]
-    assert missing[:, 0].tolist() == [False, False, False, False, True]
-    assert ids[4].tolist() == [[0, 0]]
+def firsts(trace):
+    """The first id of each row (layer 0), -1 where missing."""
+    return trace.to_numpy()[:, 0, 0].tolist()
 
 
-def test_gap_is_missing_not_zero():
-    s = RouteStore(num_layers=2, top_k=2, num_experts=16)
-    s.write("a", 3, rows([7], L=2))
-    ids, missing = s.take("a")
-    assert missing.tolist() == [[True, True]] * 3 + [[False, False]]
+def store(**kw):
+    args = dict(num_experts=64, moe_layers=[0], top_k=2, block_size=P, model="m")
+    args.update(kw)
+    return RouteStore(**args)
 
 
-def test_invalid_cells_are_missing():
-    s = RouteStore(num_layers=2, top_k=2, num_experts=16)
-    s.write("a", 0, rows([1, 2], L=2), np.array([[True, False], [True, True]]))
-    _, missing = s.take("a")
-    assert missing.tolist() == [[False, True], [False, False]]
+def test_chunk_boundary_inside_a_block():
+    # positions 0..9; blocks [0-3][4-7][8-9]; chunks of 6 and 4: the chunk edge (6) is inside
+    # block 1, which the second chunk completes
+    s = store()
+    s.add_request("a", prompt_len=10)
+    s.write("a", 0, rows(*range(10, 16)))
+    s.write("a", 6, rows(*range(16, 20)))
+    t = s.take("a")
+    assert firsts(t) == list(range(10, 20)) and t.missing is None
+    assert t.prompt_len == 10 and t.start == 0 and t.model == "m"
 
 
-def test_growth_keeps_rows():
-    s = RouteStore(num_layers=1, top_k=2, num_experts=16, initial_rows=2)
-    for p in range(50):
-        s.write("a", p, rows([p % 15]))
-    ids, missing = s.take("a")
-    assert missing is None and ids[:, 0, 0].tolist() == [p % 15 for p in range(50)]
-
-
-def test_errors_leave_other_requests_intact():
-    s = RouteStore(num_layers=1, top_k=2, num_experts=16)
-    s.write("a", 0, rows([1, 2]))
-    with pytest.raises(StoreError, match="unknown request 'b'"):
-        s.take("b")
-    with pytest.raises(StoreError, match=r"expected rows of shape \[T, L=1, K=2\], got \(1, 1, 3\)"):
-        s.write("a", 2, np.zeros((1, 1, 3), np.uint8))
-    with pytest.raises(StoreError, match="expected dtype uint8, got int64"):
-        s.write("a", 2, np.zeros((1, 1, 2), np.int64))
-    with pytest.raises(StoreError, match="expected start >= 0"):
-        s.write("a", -1, rows([1]))
-    ids, missing = s.take("a")
-    assert missing is None and ids[:, 0, 0].tolist() == [1, 2]
-
-
-def test_truncate_and_free():
-    s = RouteStore(num_layers=1, top_k=2, num_experts=16)
-    s.write("a", 0, rows([1, 2, 3]))
-    s.truncate("a", 1)
-    assert s.length("a") == 1
+def test_prefix_hit_of_exactly_one_block():
+    s = store()
+    s.add_request("a", prompt_len=6)
+    s.write("a", 0, rows(1, 2, 3, 4, 5, 6))
+    s.publish("a", ["h0"])  # block 0 is full
+    # b shares a's first block: the engine's prefix cache covers 4 tokens, b computes from 4
+    assert s.add_request("b", prompt_len=7, num_cached_tokens=4, block_hashes=["h0"]) == 4
+    assert s.length("b") == 4
+    s.write("b", 4, rows(40, 41, 42))
+    assert firsts(s.take("b")) == [1, 2, 3, 4, 40, 41, 42]
+    assert firsts(s.take("a")) == [1, 2, 3, 4, 5, 6]  # a untouched
     s.free("a")
-    assert "a" not in s and len(s) == 0
+    assert firsts(s.take("b")) == [1, 2, 3, 4, 40, 41, 42]  # the shared block lives on
+
+
+def test_preemption_mid_prefill_and_recompute():
+    s = store()
+    s.add_request("a", prompt_len=10)
+    s.write("a", 0, rows(1, 2, 3, 4, 5))  # 5 of 10 prompt tokens, then preempted
+    s.publish("a", ["h0"])
+    # rescheduled: the engine still caches block 0, recomputes from position 4
+    assert s.restart("a", num_cached_tokens=4, block_hashes=["h0"]) == 4
+    assert s.length("a") == 4
+    s.write("a", 4, rows(50, 6, 7, 8, 9, 10))  # the recompute's rows replace the old ones
+    assert firsts(s.take("a")) == [1, 2, 3, 4, 50, 6, 7, 8, 9, 10]
+    # and a restart with nothing cached drops everything
+    s.restart("a")
+    assert s.length("a") == 0 and s.take("a").num_tokens == 0
+
+
+def test_all_speculative_tokens_rejected():
+    s = store()
+    s.add_request("a", prompt_len=3)
+    s.write("a", 0, rows(1, 2, 3))           # prefill: positions 0-2
+    s.write("a", 3, rows(4, 90, 91, 92))     # decode: position 3 plus 3 drafts
+    s.truncate("a", 4)                       # every draft rejected
+    assert firsts(s.take("a")) == [1, 2, 3, 4]
+    s.write("a", 4, rows(5))                 # the next step continues at 4
+    assert firsts(s.take("a")) == [1, 2, 3, 4, 5]
+
+
+def test_start_offset_beyond_the_prompt():
+    s = store()
+    s.add_request("a", prompt_len=3)
+    s.write("a", 0, rows(1, 2, 3, 4, 5, 6, 7))
+    t = s.take("a", start=5, token_ids=np.array([70, 71]))
+    assert (t.start, t.end, t.prompt_len) == (5, 7, 3)
+    assert firsts(t) == [6, 7] and t.token_ids.tolist() == [70, 71]
+    assert s.take("a", start=7).num_tokens == 0
+
+
+def test_request_aborted():
+    s = store()
+    for rid in ("a", "b"):
+        s.add_request(rid, prompt_len=2)
+        s.write(rid, 0, rows(1, 2, 3, 4, 5))
+    s.publish("a", ["h0"])
+    s.free("a")  # aborted
+    with pytest.raises(StoreError, match="unknown request 'a'"):
+        s.take("a")
+    assert firsts(s.take("b")) == [1, 2, 3, 4, 5]
+    # a's published block stays in the pool for prefix reuse; its private tail is gone
+    assert s.blocks_in_use == 1 + 2
+    s.add_request("c", prompt_len=5, num_cached_tokens=4, block_hashes=["h0"])
+    assert firsts(s.take("c")) == [1, 2, 3, 4]
+
+
+def test_eviction_makes_routes_missing_never_wrong():
+    # a budget of 3 blocks: a's two published blocks are evicted when b needs room; c's
+    # prefix hit on them then finds nothing and its cached positions are missing
+    s = store(budget_bytes=3 * store().block_bytes)
+    assert s.num_blocks == 3
+    s.add_request("a", prompt_len=8)
+    s.write("a", 0, rows(*range(1, 9)))
+    s.publish("a", ["h0", "h1"])
+    s.free("a")
+    s.add_request("b", prompt_len=12)
+    s.write("b", 0, rows(*range(20, 32)))  # needs all three blocks: evicts a's two
+    assert s.evictions == 2 and s.nbytes <= s.budget_bytes
+    assert s.add_request("c", prompt_len=9, num_cached_tokens=8, block_hashes=["h0", "h1"]) == 0
+    t = s.take("c")
+    assert t.num_tokens == 8 and t.missing.all() and (t.expert_ids == 0).all()
+    assert s.coverage("c").tolist() == [EVICTED] * 8
+    # a live request can lose its oldest block too: marked missing, the rest intact
+    s.write("c", 8, rows(60))
+    assert firsts(s.take("b"))[:4] == [-1] * 4 and firsts(s.take("b"))[4:] == list(range(24, 32))
+
+
+def test_writing_into_a_shared_block_copies_it():
+    s = store()
+    s.add_request("a", prompt_len=4)
+    s.write("a", 0, rows(1, 2, 3, 4))
+    s.publish("a", ["h0"])
+    s.add_request("b", prompt_len=4, num_cached_tokens=4, block_hashes=["h0"])
+    s.truncate("b", 2)  # inside the shared block: b gets its own copy
+    s.write("b", 2, rows(30, 31))
+    assert firsts(s.take("b")) == [1, 2, 30, 31]
+    assert firsts(s.take("a")) == [1, 2, 3, 4]
+
+
+def test_publishing_a_known_hash_deduplicates():
+    s = store()
+    for rid in ("a", "b"):  # the same prefix computed twice before either was published
+        s.add_request(rid, prompt_len=4)
+        s.write(rid, 0, rows(1, 2, 3, 4))
+    assert s.blocks_in_use == 2
+    s.publish("a", ["h0"])
+    s.publish("b", ["h0"])
+    assert s.blocks_in_use == 1
+    assert firsts(s.take("b")) == [1, 2, 3, 4]
+
+
+def test_invalid_cells_and_coverage():
+    s = store(moe_layers=[0, 1])
+    s.add_request("a", prompt_len=2)
+    s.write("a", 0, rows(1, 2, L=2), np.array([[True, False], [True, True]]))
+    t = s.take("a")
+    assert t.missing.tolist() == [[False, True], [False, False]]
+    assert s.coverage("a", 0, 4).tolist() == [PRESENT, PRESENT, NOT_WRITTEN, NOT_WRITTEN]
+
+
+def test_ingest_one_step_of_several_requests():
+    s = store()
+    s.add_request("a", prompt_len=3)
+    s.add_request("b", prompt_len=2)
+    step = rows(1, 2, 3, 9, 8, 7)  # rows 0-2: a's prefill; row 3: padding; rows 4-5: b
+    s.ingest(step, None, [("a", 0, 0, 3), ("b", 0, 4, 2)])
+    assert firsts(s.take("a")) == [1, 2, 3] and firsts(s.take("b")) == [8, 7]
+
+
+def test_bad_calls_change_nothing():
+    s = store()
+    s.add_request("a", prompt_len=3)
+    s.write("a", 0, rows(1, 2, 3))
+    s.add_request("b", prompt_len=2)
+    s.write("b", 0, rows(5, 6))
+    before = (firsts(s.take("a")), firsts(s.take("b")), s.blocks_in_use)
+    cases = [
+        (lambda: s.take("zz"), "unknown request 'zz'"),
+        (lambda: s.write("a", 1, rows(9)), "positions going backwards: the write starts at 1 but "
+         "request 'a' already has 3 positions; call truncate('a', 1) first"),
+        (lambda: s.write("a", 5, rows(9)), "a gap: the write starts at 5"),
+        (lambda: s.write("a", 3, np.zeros((1, 1, 3), np.uint8)),
+         r"expected rows of shape [T, L=1, K=2], got (1, 1, 3)"),
+        (lambda: s.write("a", 3, np.zeros((1, 1, 2), np.int64)), "expected dtype uint8, got int64"),
+        (lambda: s.add_request("a", prompt_len=1), "already exists"),
+        (lambda: s.add_request("c", prompt_len=1, num_cached_tokens=3),
+         "multiple of the block size 4, got 3"),
+        (lambda: s.add_request("c", prompt_len=1, num_cached_tokens=4), "need 1 block hashes"),
+        (lambda: s.truncate("a", 7), "expected 0 <= length <= 3"),
+        # one bad segment: the whole step is refused, the good segment is not stored either
+        (lambda: s.ingest(rows(7, 8), None, [("b", 2, 0, 1), ("a", 0, 1, 1)]),
+         "positions going backwards"),
+        (lambda: s.ingest(rows(7, 8), None, [("b", 2, 0, 5)]), "names rows [0, 5) of a step of 2"),
+    ]
+    for call, text in cases:
+        with pytest.raises(StoreError) as e:
+            call()
+        assert text in str(e.value), (text, str(e.value))
+    assert (firsts(s.take("a")), firsts(s.take("b")), s.blocks_in_use) == before
+    assert "c" not in s
+
+
+def test_budget_too_small_for_one_block():
+    with pytest.raises(StoreError, match="holds no block; one block of 4 tokens x 1 layers x "
+                       "top-2 needs 144 bytes"):
+        store(budget_bytes=143)
+
+
+def test_pool_never_exceeds_the_budget():
+    s = store(budget_bytes=5 * store().block_bytes + 7)
+    assert s.reserved_bytes <= s.budget_bytes
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        rid = f"r{i}"
+        s.add_request(rid, prompt_len=3)
+        s.write(rid, 0, rows(*rng.integers(0, 60, int(rng.integers(1, 12)))))
+        s.publish(rid, [f"h{i}.{j}" for j in range(3)])
+        assert s.nbytes <= s.budget_bytes
+        if i % 3:
+            s.free(rid)
+    assert s.evictions > 0
+
+
+# ---- the simulator fuzz ------------------------------------------------------------------------
+# 100,000+ steps in all: every returned cell is the true route or missing, and missing only where
+# the budget forced an eviction (the simulator asserts it on every take); none missing without
+# evictions.
+FUZZ = [(seed, 4_000, None) for seed in range(16)] + [(100 + seed, 4_000, 6 + 4 * seed) for seed in range(10)]
+
+
+@pytest.mark.parametrize("seed,steps,budget_blocks", FUZZ)
+def test_simulator_fuzz(seed, steps, budget_blocks):
+    st = simulate(seed, steps, ranks=1 + seed % 3, budget_blocks=budget_blocks)
+    assert st.wrong_cells == 0
+    assert st.finished > 0 and st.checked_cells > 0
+    if budget_blocks is None:
+        assert st.evictions == 0 and st.missing_cells == 0
+    else:
+        assert st.max_store_bytes <= budget_blocks * (P * 2 * 2 + P * 2 + P + 128)
+
+
+def test_simulator_exercises_every_event():
+    totals = [simulate(seed, 3_000, ranks=3) for seed in range(3)]
+    for field in ("prefix_hits", "preemptions", "rejected_rows", "chunks", "aborts"):
+        assert sum(getattr(t, field) for t in totals) > 0, field
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_simulator_through_the_capturer_gathered_layout(seed):
+    st = simulate(seed, 1_500, ranks=3, via_capturer=True)
+    assert st.wrong_cells == 0 and st.missing_cells == 0 and st.finished > 0

@@ -18,7 +18,7 @@ then turns columns into request positions using the left padding of the prompt b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from torch import nn
 
 from ..capturer import CaptureSpec, StepCapturer, StepSnapshot
 from ..store import RouteStore
+from ..trace import id_dtype_for
 from ..trace import RoutingTrace
 from .hf_dispatch import MoEDispatch, ParallelConfig
 
@@ -329,7 +330,8 @@ class HFRouteCapture:
     """
 
     def __init__(self, model: nn.Module, *, strict: bool = True, max_tokens: int = 4096,
-                 info: MoEModelInfo | None = None, parallel: ParallelConfig | None = None) -> None:
+                 info: MoEModelInfo | None = None, parallel: ParallelConfig | None = None,
+                 store: RouteStore | None = None) -> None:
         self.model = model
         self.info = info or find_moe_routers(model)
         self.strict = strict
@@ -341,8 +343,19 @@ class HFRouteCapture:
         if device.type == "meta":
             raise UnsupportedModelError("the model's router weights are on the meta device; load "
                                         "the weights before capturing")
-        self.store = RouteStore(num_layers=spec.num_layers, top_k=spec.top_k,
-                                num_experts=spec.num_experts)
+        # the rows of the current generate call, by (batch row, KV cache column)
+        self.rows = _ColumnStore(num_layers=spec.num_layers, top_k=spec.top_k,
+                                 num_experts=spec.num_experts)
+        self._first_column: dict[int, int] = {}
+        #: Optional persistent store: collect() moves each request's rows into it under its
+        #: request id, so a later turn that reuses the KV cache gets the earlier turns' routes.
+        self.store = store
+        if store is not None and (store.num_experts, store.moe_layers, store.top_k) != (
+                info.num_experts, info.moe_layers, info.top_k):
+            raise ValueError(
+                f"HFRouteCapture: the store holds (E, moe_layers, K) = "
+                f"{(store.num_experts, store.moe_layers, store.top_k)}, the model has "
+                f"{(info.num_experts, info.moe_layers, info.top_k)}")
         self.capturer = StepCapturer(spec, device=device, sink=self._ingest, strict=strict,
                                      tp_group=None if parallel is None else parallel.tp_group)
         self.dispatch = None if parallel is None else MoEDispatch(
@@ -352,6 +365,8 @@ class HFRouteCapture:
         self.publishes = parallel is None or parallel.tp_rank == 0
         self._handles: list[Any] = []
         self.steps = 0
+        #: router rows computed so far (B * S summed over steps): what the model actually ran
+        self.rows_computed = 0
 
     # ---- hooks --------------------------------------------------------------------------------
     def __enter__(self) -> HFRouteCapture:
@@ -407,6 +422,7 @@ class HFRouteCapture:
                 "inputs_embeds; cannot tell the step's tokens"
             )
         B, S = shape
+        self.rows_computed += B * S
         tag = _StepTag(batch=B, seq=S, offset=_cache_length(kwargs))
         if self.dispatch is None:
             cap.begin_step(B * S, tag=tag)
@@ -426,7 +442,9 @@ class HFRouteCapture:
         ids = snap.expert_ids_NLK
         valid = snap.valid_NL
         for b in range(tag.batch):
-            self.store.write(b, tag.offset, ids[b * S:(b + 1) * S], valid[b * S:(b + 1) * S])
+            self.rows.write(b, tag.offset, ids[b * S:(b + 1) * S], valid[b * S:(b + 1) * S])
+            first = self._first_column.get(b)
+            self._first_column[b] = tag.offset if first is None else min(first, tag.offset)
 
     # ---- results ------------------------------------------------------------------------------
     def collect(
@@ -439,6 +457,7 @@ class HFRouteCapture:
         generated_lengths: Sequence[int] | None = None,
         request_ids: Sequence[str] | None = None,
         extra: Sequence[dict[str, Any]] | None = None,
+        start: int | Sequence[int] = 0,
     ) -> list[RoutingTrace]:
         """One trace per batch row of the last ``generate``: prompt plus generated minus the last.
 
@@ -450,14 +469,27 @@ class HFRouteCapture:
                 ``generation_config.eos_token_id``); the EOS token counts as generated.
             generated_lengths: override: tokens generated per row (e.g. after stop strings).
             request_ids: one id per row (defaults to "0", "1", ...).
+            start: the absolute position each trace starts at (e.g. the first position of the
+                latest turn: multi-turn RL only needs the new turn).
 
-        Drains the capture (the one host sync) and frees the rows it returns. On a TP rank that
-        does not publish (see :attr:`publishes`) it returns an empty list.
+        Drains the capture (the one host sync) and frees the rows of this call. With a
+        persistent ``store``, each request's rows move into it under its request id first; a turn
+        that continued from an earlier turn's KV cache then gets the earlier positions from the
+        store. On a TP rank that does not publish (see :attr:`publishes`) it returns no trace.
         """
         self.capturer.drain()
-        if not self.publishes:
-            self.store.clear()
-            return []
+        try:
+            if not self.publishes:
+                return []
+            return self._collect(sequences, attention_mask, prompt_width, eos_token_id,
+                                 generated_lengths, request_ids, extra, start)
+        finally:
+            self.rows.clear()
+            self._first_column.clear()
+
+    def _collect(self, sequences: Any, attention_mask: Any, prompt_width: int | None,
+                 eos_token_id: Any, generated_lengths: Any, request_ids: Any, extra: Any,
+                 start: int | Sequence[int]) -> list[RoutingTrace]:
         seq = _to_numpy(sequences).astype(np.int64)
         if seq.ndim != 2:
             raise ValueError(f"collect: expected sequences of shape [B, W + G], got {seq.shape}")
@@ -485,6 +517,9 @@ class HFRouteCapture:
             request_ids = [str(b) for b in range(B)]
         if len(request_ids) != B:
             raise ValueError(f"collect: expected {B} request_ids, got {len(request_ids)}")
+        starts = [int(start)] * B if isinstance(start, (int, np.integer)) else [int(x) for x in start]
+        if len(starts) != B:
+            raise ValueError(f"collect: expected {B} start positions, got {len(starts)}")
         info = self.info
         traces = []
         for b in range(B):
@@ -492,20 +527,188 @@ class HFRouteCapture:
             G = int(generated_lengths[b])
             T = P + max(G, 1) - 1
             c0 = int(pads[b])
-            if b in self.store:
-                ids, missing = self.store.take(b, c0, c0 + T)
+            s0 = starts[b]
+            if not 0 <= s0 <= T:
+                raise ValueError(f"collect: request {request_ids[b]!r}: start {s0} is outside "
+                                 f"[0, {T}] (prompt {P} + generated {G} - 1)")
+            tokens = seq[b, c0 + s0:c0 + T].astype(np.int32)
+            rid = str(request_ids[b])
+            ex = dict(extra[b]) if extra is not None else {}
+            if self.store is not None:
+                self._persist(b, rid, c0, P, T)
+                traces.append(self.store.take(rid, s0, T, token_ids=tokens, prompt_len=P,
+                                              extra=ex))
+                continue
+            if b in self.rows:
+                ids, missing = self.rows.take(b, c0 + s0, c0 + T)
             else:
-                ids = np.zeros((T, len(info.sites), info.top_k), self.store.dtype)
-                missing = np.ones((T, len(info.sites)), np.bool_)
-            tokens = seq[b, c0:c0 + T].astype(np.int32)
+                ids = np.zeros((T - s0, len(info.sites), info.top_k), self.rows.dtype)
+                missing = np.ones((T - s0, len(info.sites)), np.bool_)
             traces.append(RoutingTrace(
                 expert_ids=ids, missing=missing, num_experts=info.num_experts,
-                moe_layers=info.moe_layers, request_id=str(request_ids[b]), prompt_len=P,
-                start=0, model=info.model_name, token_ids=tokens,
-                extra=dict(extra[b]) if extra is not None else {},
+                moe_layers=info.moe_layers, request_id=rid, prompt_len=P,
+                start=s0, model=info.model_name, token_ids=tokens, extra=ex,
             ))
-        self.store.clear()
         return traces
+
+    def _persist(self, b: int, rid: str, c0: int, P: int, T: int) -> None:
+        """Move batch row b's rows of this call into the persistent store under ``rid``."""
+        store = self.store
+        first = self._first_column.get(b)
+        # first position computed in this call (the prefill of a fresh batch starts in the padding)
+        p0 = T if first is None else max(0, first - c0)
+        if rid not in store:
+            if p0 > 0:
+                raise ValueError(
+                    f"collect: request {rid!r}: this generate call continued a KV cache of {p0} "
+                    "positions that routecap never stored; capture the earlier turns with the "
+                    "same store and request id")
+            store.add_request(rid, prompt_len=P)
+        elif p0 > store.length(rid):
+            raise ValueError(
+                f"collect: request {rid!r}: this call starts at position {p0} but the store "
+                f"holds {store.length(rid)}; the positions in between were computed elsewhere")
+        elif p0 < store.length(rid):
+            store.truncate(rid, p0)  # recomputed: this call's rows replace the stored tail
+        if T > p0:
+            ids, missing = self.rows.take(b, c0 + p0, c0 + T)
+            store.write(rid, p0, ids, None if missing is None else ~missing)
+
+
+@dataclass
+class _Rows:
+    ids_TLK: np.ndarray
+    valid_TL: np.ndarray
+    length: int = 0  # one past the highest position written
+
+
+class _ColumnStore:
+    """The rows of one ``generate`` call, by (batch row, KV cache column).
+
+    Writing at column ``c`` declares that the row's KV cache holds exactly ``c`` columns: every
+    row at or after ``c`` from an earlier write is dropped first (a cache that was cropped or
+    restarted), so a stale route never survives. Columns never written are missing.
+    """
+
+    def __init__(self, *, num_layers: int, top_k: int, num_experts: int, initial_rows: int = 64):
+        self.num_layers = num_layers
+        self.top_k = top_k
+        self.num_experts = num_experts
+        self.dtype = id_dtype_for(num_experts)
+        self._initial = max(1, initial_rows)
+        self._rows: dict[Hashable, _Rows] = {}
+
+    def __contains__(self, request: Hashable) -> bool:
+        return request in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def requests(self) -> list[Hashable]:
+        return list(self._rows)
+
+    def length(self, request: Hashable) -> int:
+        """One past the highest position written for ``request``."""
+        return self._get(request).length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.ids_TLK.nbytes + r.valid_TL.nbytes for r in self._rows.values())
+
+    def _get(self, request: Hashable) -> _Rows:
+        try:
+            return self._rows[request]
+        except KeyError:
+            raise ValueError(f"unknown request {request!r}; the store holds {len(self._rows)} "
+                             "requests") from None
+
+    def write(
+        self,
+        request: Hashable,
+        start: int,
+        ids_TLK: np.ndarray,
+        valid_TL: np.ndarray | None = None,
+    ) -> None:
+        """Store rows for positions ``[start, start + T)``; drops any row at or after ``start``."""
+        L, K = self.num_layers, self.top_k
+        if ids_TLK.ndim != 3 or ids_TLK.shape[1:] != (L, K):
+            raise ValueError(
+                f"write({request!r}): expected rows of shape [T, L={L}, K={K}], got "
+                f"{tuple(ids_TLK.shape)}"
+            )
+        if ids_TLK.dtype != self.dtype:
+            raise ValueError(f"write({request!r}): expected dtype {self.dtype}, got {ids_TLK.dtype}")
+        if start < 0:
+            raise ValueError(f"write({request!r}): expected start >= 0, got {start}")
+        T = ids_TLK.shape[0]
+        if valid_TL is not None and valid_TL.shape != (T, L):
+            raise ValueError(
+                f"write({request!r}): expected valid mask of shape {(T, L)}, got {valid_TL.shape}"
+            )
+        rows = self._rows.get(request)
+        end = start + T
+        if rows is None:
+            cap = max(self._initial, end)
+            rows = _Rows(np.zeros((cap, L, K), self.dtype), np.zeros((cap, L), np.bool_))
+            self._rows[request] = rows
+        elif end > rows.ids_TLK.shape[0]:
+            cap = max(end, 2 * rows.ids_TLK.shape[0])
+            ids = np.zeros((cap, L, K), self.dtype)
+            valid = np.zeros((cap, L), np.bool_)
+            ids[: rows.length] = rows.ids_TLK[: rows.length]
+            valid[: rows.length] = rows.valid_TL[: rows.length]
+            rows.ids_TLK, rows.valid_TL = ids, valid
+        if start < rows.length:
+            rows.valid_TL[start : rows.length] = False  # the timeline restarts at `start`
+        elif start > rows.length:
+            rows.valid_TL[rows.length : start] = False  # a gap: never written, so missing
+        rows.ids_TLK[start:end] = ids_TLK
+        if valid_TL is None:
+            rows.valid_TL[start:end] = True
+        else:
+            rows.valid_TL[start:end] = valid_TL
+        rows.length = end
+
+    def truncate(self, request: Hashable, length: int) -> None:
+        """Forget every position at or after ``length``."""
+        rows = self._get(request)
+        if length < 0:
+            raise ValueError(f"truncate({request!r}): expected length >= 0, got {length}")
+        if length < rows.length:
+            rows.valid_TL[length : rows.length] = False
+            rows.length = length
+
+    def take(
+        self, request: Hashable, start: int = 0, end: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows of positions ``[start, end)`` (one copy) and their missing mask (None if complete).
+
+        Positions past the last one written are missing.
+        """
+        rows = self._get(request)
+        end = rows.length if end is None else end
+        if not 0 <= start <= end:
+            raise ValueError(f"take({request!r}): expected 0 <= start <= end, got {start}, {end}")
+        T = end - start
+        have = max(0, min(end, rows.length) - start)
+        ids = np.zeros((T, self.num_layers, self.top_k), self.dtype)
+        valid = np.zeros((T, self.num_layers), np.bool_)
+        if have:
+            ids[:have] = rows.ids_TLK[start : start + have]
+            valid[:have] = rows.valid_TL[start : start + have]
+        missing = ~valid
+        if missing.any():
+            ids[missing] = 0
+            return ids, missing
+        return ids, None
+
+    def free(self, request: Hashable) -> None:
+        """Drop every row of ``request``."""
+        self._get(request)
+        del self._rows[request]
+
+    def clear(self) -> None:
+        self._rows.clear()
 
 
 def _to_numpy(x: Any) -> np.ndarray:

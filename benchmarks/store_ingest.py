@@ -1,0 +1,96 @@
+"""Host ingest throughput of RouteStore against a plain numpy copy of the same bytes.
+
+Shapes of Qwen3-30B-A3B's router (48 MoE layers, top-8 of 128 experts: one byte per id). Two step
+mixes, measured side by side in one run (interleaved repeats, median):
+
+* decode: 256 requests, one row each (256 segments per step);
+* prefill: 4 requests, 2048-row chunks (8192 rows per step).
+
+The baseline copies the step's bytes into a preallocated buffer of the same size with one
+``np.copyto``: the floor for any host path that keeps the data.
+
+Run: python benchmarks/store_ingest.py [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from routecap.store import RouteStore
+
+L, K, E, BLOCK = 48, 8, 128, 16
+
+
+def _step(rng, n_rows):
+    ids = np.empty((n_rows, L, K), np.uint8)
+    for i in range(n_rows):
+        ids[i] = rng.permutation(E)[:K]
+    return ids
+
+
+def bench_decode(rng, batch, steps):
+    store = RouteStore(num_experts=E, moe_layers=range(L), top_k=K, block_size=BLOCK,
+                       budget_bytes=2 << 30)
+    for r in range(batch):
+        store.add_request(r, prompt_len=1)
+    step = _step(rng, batch)
+    dst = np.empty_like(step)
+    t_store, t_copy = [], []
+    for s in range(steps):
+        segments = [(r, s, r, 1) for r in range(batch)]
+        t0 = time.perf_counter()
+        store.ingest(step, None, segments)
+        t1 = time.perf_counter()
+        np.copyto(dst, step)
+        t2 = time.perf_counter()
+        t_store.append(t1 - t0)
+        t_copy.append(t2 - t1)
+    return step.nbytes, t_store, t_copy
+
+
+def bench_prefill(rng, reqs, chunk, steps):
+    store = RouteStore(num_experts=E, moe_layers=range(L), top_k=K, block_size=BLOCK,
+                       budget_bytes=4 << 30)
+    step = _step(rng, reqs * chunk)
+    dst = np.empty_like(step)
+    t_store, t_copy = [], []
+    for s in range(steps):
+        for r in range(reqs):
+            if s:
+                store.free((s - 1, r))
+            store.add_request((s, r), prompt_len=chunk)
+        segments = [((s, r), 0, r * chunk, chunk) for r in range(reqs)]
+        t0 = time.perf_counter()
+        store.ingest(step, None, segments)
+        t1 = time.perf_counter()
+        np.copyto(dst, step)
+        t2 = time.perf_counter()
+        t_store.append(t1 - t0)
+        t_copy.append(t2 - t1)
+    return step.nbytes, t_store, t_copy
+
+
+def report(name, nbytes, t_store, t_copy):
+    ms, mc = statistics.median(t_store), statistics.median(t_copy)
+    print(f"{name:<34} {nbytes / 1e6:8.2f} MB/step  store {nbytes / ms / 1e9:7.2f} GB/s "
+          f"({ms * 1e3:7.3f} ms)  numpy copy {nbytes / mc / 1e9:7.2f} GB/s ({mc * 1e3:7.3f} ms)  "
+          f"store/copy time x{ms / mc:6.1f}  [store min/med/max ms "
+          f"{min(t_store) * 1e3:.3f}/{ms * 1e3:.3f}/{max(t_store) * 1e3:.3f}]")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    print(f"router shape: L={L} MoE layers, top-{K} of E={E} (uint8), block {BLOCK} tokens")
+    report("decode: 256 requests x 1 row", *bench_decode(rng, 256, args.repeats * 4))
+    report("prefill: 4 requests x 2048 rows", *bench_prefill(rng, 4, 2048, args.repeats))
+
+
+if __name__ == "__main__":
+    main()
