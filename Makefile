@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.routecap-installed
 # tests run under both. It lives inside .venv too.
 COMPAT       := $(VENV)/tf517
 COMPAT_STAMP := $(COMPAT)/.routecap-installed
-COMPAT_TESTS := tests/test_hf.py tests/test_builtin.py tests/test_docs.py tests/distributed
+COMPAT_TESTS := tests/test_hf.py tests/test_hf_architectures.py tests/test_builtin.py tests/test_docs.py tests/distributed
 OUT    ?= runs/demo
 
 .PHONY: demo test

@@ -216,7 +216,7 @@ def test_model_without_moe_is_refused():
                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                head_dim=16)
     model = AutoModelForCausalLM.from_config(cfg)
-    with pytest.raises(UnsupportedModelError, match="Qwen3ForCausalLM: no MoE layer found"):
+    with pytest.raises(UnsupportedModelError, match="Qwen3ForCausalLM: no MoE block routecap can capture"):
         find_moe_routers(model)
 
 

@@ -145,10 +145,6 @@ def _needs(model_type: str):
         reason=f"transformers {transformers.__version__} has no {model_type!r}")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="init_weights_ fills every "
-                   "floating buffer but inv_freq/original_inv_freq with noise: MiniMax's "
-                   "lightning-attention decay tables (the model stops being causal) and prefixed "
-                   "rotary tables (full_attention_inv_freq)")
 @pytest.mark.parametrize("case_id, computed", [
     pytest.param("minimax", ("slope_rate", "query_decay", "key_decay", "diagonal_decay"),
                  marks=_needs("minimax")),
@@ -166,9 +162,6 @@ def test_init_weights_leaves_computed_buffers_alone(case_id, computed):
     assert not changed, f"init_weights_ overwrote computed buffers {changed}"
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="init_weights_ fails on a 0-d floating "
-                   "buffer (Gemma4's embed_scale): rng.standard_normal(()) is a NumPy scalar and "
-                   "torch.from_numpy refuses it")
 @_needs("gemma4_text")
 def test_init_weights_accepts_0d_buffers():
     model = build_model(CASES_BY_ID["gemma4_text"])

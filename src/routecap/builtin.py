@@ -98,8 +98,11 @@ def init_weights_(model: nn.Module, seed: int = 0, *, std: float = 0.02) -> nn.M
     that DeepSeek-style bias correction matters; everything else is N(0, std).
     """
     with torch.no_grad():
+        # parameters, and the one learnt buffer routers have; other buffers (rotary tables,
+        # attention decay tables, embedding scales) are computed by the model and left alone
         tensors = list(model.named_parameters()) + [
-            (n, b) for n, b in model.named_buffers() if b.is_floating_point()
+            (n, b) for n, b in model.named_buffers()
+            if n.rsplit(".", 1)[-1] == "e_score_correction_bias" and b.is_floating_point()
         ]
         for name, p in tensors:
             leaf = name.rsplit(".", 1)[-1]
@@ -108,8 +111,6 @@ def init_weights_(model: nn.Module, seed: int = 0, *, std: float = 0.02) -> nn.M
                 if leaf == "weight":
                     p.fill_(1.0)
                     continue
-            if leaf in ("inv_freq", "original_inv_freq"):
-                continue  # rotary tables are computed, not learnt
             rng = np.random.default_rng(_seed_of(name, seed))
             if leaf == "e_score_correction_bias":
                 scale = 0.05

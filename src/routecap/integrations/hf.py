@@ -122,9 +122,24 @@ def _text_config(model: nn.Module) -> Any:
     return cfg
 
 
-def _probe_router(site_path: str, router: nn.Module, top_k: int, hidden: int | None,
-                  arch: str) -> int:
-    """Run the router on 3 dummy rows; return which output slot holds the [N, K] integer ids."""
+@dataclass(frozen=True)
+class _Probe:
+    slot: int  # which output element holds the ids
+    num_experts: int  # ids the router can produce: [0, num_experts)
+
+
+#: Routers whose ids mean something other than "this expert" (refused by class name).
+_REFUSED_ROUTERS = {
+    "ZayaRouter": "its router reports the skip expert as expert 0 (with weight 0), so a route "
+                  "cannot tell expert 0 from a skip",
+}
+
+
+def _probe_router(site_path: str, block: nn.Module, router: nn.Module, top_k: int,
+                  num_experts: int, hidden: int | None, arch: str) -> _Probe:
+    """Run the MoE block (or, failing that, its router) on 3 dummy rows and look at what the
+    router returns: which output slot holds the [N, K] integer ids, and how wide its logits are.
+    """
     cls = type(router).__name__
     params = list(router.parameters())
     ref = params[0] if params else None
@@ -132,22 +147,48 @@ def _probe_router(site_path: str, router: nn.Module, top_k: int, hidden: int | N
     if ref is None or ref.device.type == "meta" or hidden is None or sharded:
         # cannot probe (weights not materialised, or sharded at rest as under FSDP, where they
         # are all-gathered only inside the forward): capture() checks the output at run time
-        return 2
-    x = torch.zeros(3, hidden, dtype=ref.dtype, device=ref.device)
+        return _Probe(slot=2, num_experts=num_experts)
+    recorded: list[Any] = []
+    original = router.__dict__.get("forward")
+    bound = router.forward
+
+    def recording_forward(*args: Any, **kwargs: Any) -> Any:
+        out = bound(*args, **kwargs)
+        recorded.append(out)
+        return out
+
+    x = torch.zeros(1, 3, hidden, dtype=ref.dtype, device=ref.device)
+    errors = []
+    router.forward = recording_forward  # the inner output, whatever other hooks do to it
     try:
         with torch.no_grad():
-            out = router.forward(x)  # not __call__: other hooks must not fire
-    except Exception as e:  # noqa: BLE001 - the router's own error, re-raised with context
+            try:  # the block supplies whatever else its router needs
+                block(x)
+            except Exception as e:  # noqa: BLE001 - fall back to the router alone
+                errors.append(e)
+                recorded.clear()
+                try:
+                    recording_forward(x[0])
+                except Exception as e2:  # noqa: BLE001
+                    errors.append(e2)
+    finally:
+        if original is None:
+            del router.forward
+        else:
+            router.forward = original
+    if not recorded:
+        e = errors[-1]
         raise UnsupportedModelError(
-            f"{arch}: router {cls} at {site_path} cannot be called as router(hidden_states) "
+            f"{arch}: router {cls} at {site_path} cannot be run on dummy hidden states "
             f"({type(e).__name__}: {e}); routecap supports routers returning "
             "(router_logits, router_scores, router_indices)"
         ) from e
+    out = recorded[0]
     outs = out if isinstance(out, (tuple, list)) else (out,)
     slots = [
         i for i, o in enumerate(outs)
         if isinstance(o, torch.Tensor) and not o.is_floating_point() and o.dtype != torch.bool
-        and tuple(o.shape) == (3, top_k)
+        and o.dim() >= 1 and o.shape[-1] == top_k and o.numel() == 3 * top_k
     ]
     if len(slots) != 1:
         got = ", ".join(
@@ -158,7 +199,14 @@ def _probe_router(site_path: str, router: nn.Module, top_k: int, hidden: int | N
             f"{arch}: router {cls} at {site_path} returned ({got}); routecap expects exactly one "
             f"integer tensor of shape [N, top_k={top_k}] (the chosen expert ids) in its output"
         )
-    return slots[0]
+    # routers with extra "zero-computation" experts (LongCat-Flash) choose ids past the routed
+    # experts: their logits say how many ids there are
+    first = outs[0]
+    width = num_experts
+    if isinstance(first, torch.Tensor) and first.is_floating_point() and first.numel() % 3 == 0 \
+            and first.shape[-1] * 3 == first.numel():
+        width = max(num_experts, int(first.shape[-1]))
+    return _Probe(slot=slots[0], num_experts=width)
 
 
 def _remapped_by(router: nn.Module) -> str | None:
@@ -206,12 +254,11 @@ def find_moe_routers(model: nn.Module, *, probe: bool = True) -> MoEModelInfo:
                 break
     if not blocks:
         raise UnsupportedModelError(
-            f"{arch}: no MoE layer found (no module with an `experts` child and a `gate` or "
-            "`router` child); routecap captures Mixture-of-Experts models only"
+            f"{arch}: no MoE block routecap can capture (it looks for a module with an "
+            "`experts` child and a `gate` or `router` child, as transformers v5 MoE models have)"
         )
     sites: list[RouterSite] = []
     list_paths: set[str] = set()
-    hidden = _first_attr([cfg], ["hidden_size"])
     for path, block, attr, router in blocks:
         # the last integer component of the block's path is its decoder layer
         parts = path.split(".")
@@ -226,8 +273,19 @@ def find_moe_routers(model: nn.Module, *, probe: bool = True) -> MoEModelInfo:
             [router, block.experts, block, cfg],
             ["num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"],
         )
+        # the ids the router can choose: the widest of its own counts and of its score-correction
+        # bias (LongCat-Flash appends "zero-computation" experts past the routed ones)
+        wider = [getattr(router, a, None) for a in ("num_experts", "n_routed_experts",
+                                                    "num_local_experts")]
+        bias = getattr(router, "e_score_correction_bias", None)
+        if isinstance(bias, torch.Tensor) and bias.dim() == 1:
+            wider.append(int(bias.shape[0]))
+        wider = [w for w in wider if isinstance(w, int) and not isinstance(w, bool) and w > 0]
+        if num_experts is not None and wider:
+            num_experts = max(num_experts, *wider)
         top_k = _first_attr(
-            [router, block, cfg], ["top_k", "num_experts_per_tok", "moe_top_k", "moe_k"]
+            [router, block, cfg],
+            ["top_k", "num_experts_per_tok", "moe_top_k", "moe_k", "top_k_experts", "moe_topk"],
         )
         if num_experts is None or top_k is None:
             raise UnsupportedModelError(
@@ -243,11 +301,19 @@ def find_moe_routers(model: nn.Module, *, probe: bool = True) -> MoEModelInfo:
                 "routecap will not record those as routes. Use a transformers with all-to-all "
                 "expert parallelism (DistributedConfig(ep_size=..., ep_implementation="
                 "'all_to_all')) or routecap's gathered dispatch")
-        r_hidden = _first_attr([router], ["hidden_dim", "hidden_size"]) or hidden
+        refused = _REFUSED_ROUTERS.get(type(router).__name__)
+        if refused:
+            raise UnsupportedModelError(f"{arch}: {refused}")
+        r_hidden = _first_attr([cfg], ["hidden_size"]) or _first_attr(
+            [router], ["hidden_dim", "hidden_size"])
         w = getattr(router, "weight", None)
         if r_hidden is None and isinstance(w, torch.Tensor) and w.dim() == 2:
             r_hidden = int(w.shape[1])
-        slot = _probe_router(f"{path}.{attr}", router, top_k, r_hidden, arch) if probe else 2
+        slot = 2
+        if probe:
+            found = _probe_router(f"{path}.{attr}", block, router, top_k, num_experts, r_hidden,
+                                  arch)
+            slot, num_experts = found.slot, found.num_experts
         sites.append(RouterSite(path=f"{path}.{attr}", layer=layer, module=router, block=block,
                                 num_experts=num_experts, top_k=top_k, index_slot=slot))
     if len(list_paths) != 1:
@@ -405,8 +471,12 @@ class HFRouteCapture:
         capture = self.capturer.capture
         slot = site.index_slot
 
+        K = site.top_k
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             ids = output[slot] if isinstance(output, (tuple, list)) else output
+            if isinstance(ids, torch.Tensor) and ids.dim() > 2:
+                ids = ids.reshape(-1, K)  # a view: routers fed [B, S, H] may return [B, S, K]
             capture(index, ids)
 
         return hook
