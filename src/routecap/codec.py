@@ -3,42 +3,48 @@
 Shape legend: T tokens, L MoE layers, K top-k, E experts, N = T * L rows (one row: the K ids one
 layer chose for one token).
 
-Each row is a set of K distinct ids out of E. Instead of K bytes it is written as one integer:
+Each row is a set of K distinct ids out of E. Instead of K bytes it is written as integers:
 
-* ``set`` mode (the trace's ids sorted within each row; the decoded trace says
-  ``topk_order="sorted"``): the row's rank among all K-subsets of E in the combinatorial number
-  system, ``sum_i C(c_i, i)`` over the sorted ids ``c_1 < ... < c_K``; a row costs
-  ``ceil(log2 C(E, K))`` bits, within one bit of the information bound (0.63x raw uint8 at
-  128/8, 0.77x at 256/8);
-* ``order`` mode (the router's order kept): the subset rank times K! plus the Lehmer code of
-  the order, ``ceil(log2(C(E, K) * K!))`` bits (two fields when that exceeds 57 bits);
-* ``ids`` mode (when ranks do not fit 64-bit integers, E very large): each id in
-  ``ceil(log2 E)`` bits.
+* ``set`` mode (ids sorted within each row; the decoded trace says ``topk_order="sorted"``):
+  the row's rank among the K-subsets of E in the combinatorial number system,
+  ``sum_i C(c_i, i)`` over the sorted ids ``c_1 < ... < c_K``: ``ceil(log2 C(E, K))`` bits, within
+  one bit of the information bound (0.64x raw uint8 at 128/8, 0.77x at 256/8);
+* ``order`` mode (the router's order kept): that rank, then the Lehmer code of the order,
+  ``ceil(log2 C(E, K)) + ceil(log2 K!)`` bits, within two bits of ``log2(C(E, K) * K!)``;
+* ``ids`` mode (ranks would not fit 57 bits, e.g. E = 65536): each id in ``ceil(log2 E)`` bits.
 
-The packed rows then go through zstd when that makes them smaller, and the encoder keeps the
-smallest of that and zstd over raw ids, so an encoding is never larger than raw ids + zstd (plus a
-small header). Missing cells are a bit mask and are not encoded as rows. Token ids, if the trace
-has them, travel zstd-compressed.
+Rows are packed token by token, a token's L rows one after the other, each token starting on a
+byte. Tokens go in blocks (16384 by default) that are compressed (zstd) and decoded independently,
+in parallel. Consecutive tokens are correlated, a layer's sets repeating across tokens far more
+than a token's sets repeat across layers: zstd over the raw ids in layer-major order within a
+block often beats the packed rows, and the encoder then stores that instead. It keeps the
+smallest of: packed rows, raw ids layer-major, and raw ids token-major in one zstd frame (exactly
+what ``zstd(raw ids)`` would be), so an encoding is never larger than raw ids + zstd, plus its
+header. Missing cells are a bit mask (their rows hold zeros). Token ids, if any, travel too.
 
 Layout (little-endian)::
 
     b"RCAP" | u8 version (1) | u8 0 | u32 header length H | H bytes of JSON header | sections
 
-The JSON header carries the trace's metadata, the mode and field widths, the row count, and the
-sections (name, byte length, ``zstd`` or ``none``, CRC-32 of the stored bytes) that follow it, in
-order. Decoding checks every length, CRC and field before it allocates or reads anything, decodes
-zstd only to the size the header promised, and checks every rank against its range, so hostile
-input gets a :class:`CodecError`, never an out-of-bounds read, a crash or a hang.
+The JSON header carries the trace's metadata, how the routes are stored (mode, field widths,
+layout, tokens per block, each block's stored size and codec) and the sections (name, byte
+length, codec, CRC-32 of uncompressed sections; zstd frames carry their own checksum) that follow
+it, in order. Decoding checks every length, checksum and field before it allocates or reads, lets
+zstd write only the size the header promised, and checks every row (ranks in range; raw ids in
+``[0, E)``, distinct, sorted where the trace says so), so hostile input gets a
+:class:`CodecError`, never an out-of-bounds read, a crash or a hang.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
+import os
 import struct
 import zlib
-from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -51,12 +57,14 @@ __all__ = ["CodecError", "MODES", "decode", "encode", "inspect"]
 MAGIC = b"RCAP"
 WIRE_VERSION = 1
 MODES = ("auto", "order", "set", "ids", "raw")
-_MAX_HEADER = 1 << 20
+BLOCK_TOKENS = 16384
+_MAX_HEADER = 1 << 24
 _MAX_IDS = 1 << 31  # refuse to allocate more ids than this from a header
 _FIELD_BITS = 57  # a field is read with one unaligned 8-byte load: bit offset (<= 7) + width <= 64
-_LUT_BITS = 16
+_LUT_BITS = 12  # unranking tables of 4096 entries per step stay in L2
+_MODE_CODE = {"set": 0, "order": 1, "ids": 2}
 
-try:  # numba makes ranking and unranking ~20x faster; without it numpy does the same work
+try:  # numba makes ranking, unranking and checking rows ~20x faster; numpy does the same work
     import numba as _nb
 
     _HAVE_NUMBA = True
@@ -68,66 +76,80 @@ class CodecError(ValueError):
     """Data that is not a valid routecap wire encoding (the message says what is wrong)."""
 
 
+def _fail(msg: str) -> CodecError:
+    return CodecError(f"routecap wire decode: {msg}")
+
+
 # ---- combinatorics ----------------------------------------------------------------------------
-@functools.lru_cache(maxsize=32)
-def _tables(E: int, K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``comb[i, c] = C(c, i)`` (with a sentinel past E), unranking LUTs and their shifts."""
-    comb = np.zeros((K + 1, E + 2), np.uint64)
-    for i in range(K + 1):
-        for c in range(E + 1):
-            comb[i, c] = math.comb(c, i)
-        comb[i, E + 1] = np.uint64((1 << 64) - 1)  # larger than any rank: stops the fix-up loop
-    lut = np.zeros((K + 1, 1 << _LUT_BITS), np.int32)
-    shifts = np.zeros(K + 1, np.int64)
-    for i in range(1, K + 1):
-        s = max(0, math.comb(E, i).bit_length() - _LUT_BITS)
-        shifts[i] = s
-        starts = (np.arange(1 << _LUT_BITS, dtype=np.uint64) << np.uint64(s))
-        # the largest c with C(c, i) <= the bucket's first value
-        lut[i] = np.searchsorted(comb[i, :E + 1], starts, side="right").astype(np.int32) - 1
-    return comb, lut, shifts
-
-
 def _widths(mode: str, E: int, K: int) -> list[int]:
     if mode == "ids":
         return [max(1, (E - 1).bit_length())] * K
-    subsets = math.comb(E, K)
-    w_set = max(1, (subsets - 1).bit_length())
+    w_set = max(1, (math.comb(E, K) - 1).bit_length())
     if mode == "set":
         return [w_set]
-    w_both = max(1, (subsets * math.factorial(K) - 1).bit_length())
-    if w_both <= _FIELD_BITS:
-        return [w_both]
     return [w_set, max(1, (math.factorial(K) - 1).bit_length())]
 
 
 def _mode_fits(mode: str, E: int, K: int) -> bool:
+    """Ranks (and every C(c, i) the decoder adds up) fit the field and 64-bit arithmetic."""
     if mode == "ids":
         return True
-    if math.comb(E, K).bit_length() > _FIELD_BITS or math.factorial(K).bit_length() > _FIELD_BITS:
+    if max(math.comb(E, i) for i in range(K + 1)).bit_length() > 63:
         return False
     return all(w <= _FIELD_BITS for w in _widths(mode, E, K))
 
 
-# ---- kernels (numba when available; the numpy versions are the reference) ---------------------
+@functools.lru_cache(maxsize=32)
+def _tables(E: int, K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``comb[i, c] = C(c, i)`` (a sentinel past E), unranking look-up tables and their shifts.
+
+    ``lut[i, x >> shifts[i]]`` is the largest c with ``C(c, i)`` at most the bucket's first
+    value; the decoder then steps c up while ``C(c + 1, i) <= x`` (rarely more than once).
+    """
+    comb = np.zeros((K + 1, E + 2), np.uint64)
+    for i in range(K + 1):
+        for c in range(E + 1):
+            comb[i, c] = math.comb(c, i)
+        comb[i, E + 1] = np.uint64((1 << 64) - 1)  # larger than any rank: stops the step-up
+    lut = np.zeros((K + 1, 1 << _LUT_BITS), np.uint8 if E < 256 else np.uint16)
+    shifts = np.zeros(K + 1, np.int64)
+    for i in range(1, K + 1):
+        s = max(0, math.comb(E, i).bit_length() - _LUT_BITS)
+        shifts[i] = s
+        starts = np.arange(1 << _LUT_BITS, dtype=np.uint64) << np.uint64(s)
+        lut[i] = np.searchsorted(comb[i, :E + 1], starts, side="right") - 1
+    return comb, lut, shifts
+
+
+@functools.lru_cache(maxsize=16)
+def _perm_table(K: int) -> np.ndarray:
+    """For K <= 8: Lehmer code -> the sorted index of each slot, 4 bits per slot; else empty."""
+    if K > 8:
+        return np.zeros(0, np.uint64)
+    out = np.zeros(math.factorial(K), np.uint64)
+    for perm in itertools.permutations(range(K)):
+        code = sum(sum(1 for m in range(j + 1, K) if perm[m] < perm[j]) * math.factorial(K - 1 - j)
+                   for j in range(K))
+        out[code] = sum(p << (4 * j) for j, p in enumerate(perm))
+    return out
+
+
+def _token_bytes(L: int, widths: list[int]) -> int:
+    return -(-L * sum(widths) // 8)
+
+
+# ---- numpy reference kernels --------------------------------------------------------------------
 def _rank_np(ids_NK: np.ndarray, comb: np.ndarray, order: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Subset ranks and Lehmer codes of the rows (numpy reference)."""
     N, K = ids_NK.shape
     srt = np.sort(ids_NK.astype(np.int64), axis=1)
     ranks = np.zeros(N, np.uint64)
     for i in range(K):
         ranks += comb[i + 1, srt[:, i]]
     perms = np.zeros(N, np.uint64)
-    if order:
-        pos = np.argsort(np.argsort(ids_NK, axis=1, kind="stable"), axis=1)  # slot -> sorted index
-        # Lehmer code of the sequence of sorted indices in slot order
-        seq = np.argsort(pos, axis=1)  # not needed: compute directly below
-        del seq
-        rank_in_sorted = np.argsort(np.argsort(ids_NK, axis=1, kind="stable"), axis=1)
+    if order:  # Lehmer code: for each slot, how many later slots hold a smaller id
         for j in range(K):
-            smaller = (rank_in_sorted[:, j + 1:] < rank_in_sorted[:, j:j + 1]).sum(axis=1)
+            smaller = (ids_NK[:, j + 1:] < ids_NK[:, j:j + 1]).sum(axis=1)
             perms += smaller.astype(np.uint64) * np.uint64(math.factorial(K - 1 - j))
-        del pos
     return ranks, perms
 
 
@@ -142,22 +164,83 @@ def _unrank_np(ranks: np.ndarray, perms: np.ndarray | None, comb: np.ndarray, K:
         x -= comb[i, c]
     if perms is not None:
         p = perms.astype(np.int64)
-        avail = np.tile(np.arange(K), (N, 1))
+        used = np.zeros((N, K), bool)
         res = np.zeros((N, K), np.int64)
-        rows = np.arange(N)
         for j in range(K):
             f = math.factorial(K - 1 - j)
-            d = p // f
-            p = p % f
-            # the d-th smallest still-available sorted index
-            order_avail = np.sort(avail, axis=1)
-            pick = order_avail[rows, d]
+            d, p = p // f, p % f
+            free_rank = np.cumsum(~used, axis=1) - 1  # the d-th smallest index not used yet
+            pick = np.argmax((free_rank == d[:, None]) & ~used, axis=1)
             res[:, j] = pick
-            avail[rows, np.argmax(avail == pick[:, None], axis=1)] = K + 1
+            used[np.arange(N), pick] = True
         out = np.take_along_axis(out, res, axis=1)
     return out
 
 
+def _rows_ok_np(ids_NK: np.ndarray, E: int, sorted_rows: bool) -> np.ndarray:
+    ok = (ids_NK < E).all(axis=1)
+    srt = np.sort(ids_NK, axis=1)
+    ok &= ~(srt[:, 1:] == srt[:, :-1]).any(axis=1)
+    if sorted_rows:
+        ok &= ~(np.diff(ids_NK.astype(np.int64), axis=1) < 0).any(axis=1)
+    return ok
+
+
+def _pack_np(fields_NM: np.ndarray, widths: list[int], T: int, L: int) -> bytes:
+    rb, tb = sum(widths), 8 * _token_bytes(L, widths)
+    starts = (np.arange(T, dtype=np.int64)[:, None] * tb
+              + np.arange(L, dtype=np.int64)[None, :] * rb).ravel()
+    bits = np.zeros(T * tb, np.uint8)
+    off = 0
+    for j, w in enumerate(widths):
+        f = fields_NM[:, j]
+        for b in range(w):
+            bits[starts + off + b] = ((f >> np.uint64(b)) & np.uint64(1)).astype(np.uint8)
+        off += w
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def _decode_block_np(buf: np.ndarray, mode: str, widths: list[int], T: int, L: int, E: int,
+                     K: int, skip: np.ndarray, sorted_rows: bool, out: np.ndarray) -> int:
+    N = T * L
+    live = ~skip if skip.shape[0] else np.ones(N, bool)
+    if mode == "raw":
+        ids = buf.reshape(N, K) if not widths else buf
+        ok = _rows_ok_np(ids, E, sorted_rows) | ~live
+        out[:] = np.where(live[:, None], ids, 0)
+    else:
+        rb, tb = sum(widths), 8 * _token_bytes(L, widths)
+        starts = (np.arange(T, dtype=np.int64)[:, None] * tb
+                  + np.arange(L, dtype=np.int64)[None, :] * rb).ravel()
+        bits = np.unpackbits(buf, bitorder="little")
+        fields = np.zeros((N, len(widths)), np.uint64)
+        off = 0
+        for j, w in enumerate(widths):
+            for b in range(w):
+                fields[:, j] |= bits[starts + off + b].astype(np.uint64) << np.uint64(b)
+            off += w
+        if mode == "ids":
+            ids = fields.astype(np.int64)
+            ok = _rows_ok_np(ids, E, sorted_rows) | ~live
+        else:
+            comb, _, _ = _tables(E, K)
+            ranks = fields[:, 0]
+            perms = fields[:, 1] if mode == "order" else None
+            ok = ranks < np.uint64(math.comb(E, K))
+            if perms is not None:
+                ok &= perms < np.uint64(math.factorial(K))
+            ok |= ~live
+            good = ok & live
+            ids = np.zeros((N, K), np.int64)
+            if good.any():
+                ids[good] = _unrank_np(ranks[good], None if perms is None else perms[good], comb,
+                                       K, E)
+        out[:] = np.where(live[:, None], ids, 0)
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if bad.size else -1
+
+
+# ---- numba kernels ------------------------------------------------------------------------------
 if _HAVE_NUMBA:
 
     @_nb.njit(cache=True, nogil=True)
@@ -167,8 +250,7 @@ if _HAVE_NUMBA:
         for r in range(N):
             for j in range(K):
                 buf[j] = ids_NK[r, j]
-            # insertion sort of K small ints
-            for a in range(1, K):
+            for a in range(1, K):  # insertion sort of K small ints
                 v = buf[a]
                 b = a - 1
                 while b >= 0 and buf[b] > v:
@@ -190,206 +272,240 @@ if _HAVE_NUMBA:
                 perms[r] = code
 
     @_nb.njit(cache=True, nogil=True)
-    def _pack_nb(fields, width, out, bit0):  # pragma: no cover - compiled
-        # LSB-first: field r occupies bits [bit0 + r * width, ...) of out; out is zeroed
-        mask = (np.uint64(1) << np.uint64(width)) - np.uint64(1)
-        for r in range(fields.shape[0]):
-            v = fields[r] & mask
-            bit = bit0 + r * width
-            p = bit >> 3
-            sh = bit & 7
-            v = v << np.uint64(sh)
-            k = 0
-            while v != 0:
-                out[p + k] |= np.uint8(v & np.uint64(255))
-                v = v >> np.uint64(8)
-                k += 1
-
-    @_nb.njit(cache=True, nogil=True, parallel=True)
-    def _decode_nb(buf, widths, N, K, E, order, comb, lut, shifts, fact,
-                   out):  # pragma: no cover - compiled
-        # buf: the packed rows plus 8 zero bytes; returns -1, or a bad row (rank out of range)
-        stride = 0
+    def _pack_nb(fields_NM, widths, L, token_bytes, out):  # pragma: no cover - compiled
+        N, M = fields_NM.shape
+        row_bits = 0
         for w in widths:
-            stride += w
-        bad = np.full(N, -1, np.int64)
-        two = widths.shape[0] == 2
-        full = comb[K, E]  # number of K-subsets: ranks must be below
-        kfact = fact[K]
-        w0 = widths[0]
-        m0 = (np.uint64(1) << np.uint64(w0)) - np.uint64(1)
-        w1 = widths[1] if two else 0
-        m1 = (np.uint64(1) << np.uint64(w1)) - np.uint64(1)
-        for r in _nb.prange(N):
-            bit = r * stride
-            p = bit >> 3
-            x = np.uint64(0)
-            for b in range(8):
-                x |= np.uint64(buf[p + b]) << np.uint64(8 * b)
-            x = (x >> np.uint64(bit & 7)) & m0
-            perm = np.uint64(0)
-            if two:
-                bit2 = bit + w0
-                p2 = bit2 >> 3
-                y = np.uint64(0)
-                for b in range(8):
-                    y |= np.uint64(buf[p2 + b]) << np.uint64(8 * b)
-                perm = (y >> np.uint64(bit2 & 7)) & m1
-                if perm >= kfact:
-                    bad[r] = r
-                    continue
-            elif order:
-                perm = x % kfact
-                x = x // kfact
-            if x >= full:
-                bad[r] = r
-                continue
-            for i in range(K, 0, -1):
-                c = np.int64(lut[i, x >> np.uint64(shifts[i])])
-                while comb[i, c + 1] <= x:
-                    c += 1
-                out[r, i - 1] = c
-                x -= comb[i, c]
-            if order:
-                # factorial number system -> which sorted id sits in each slot
-                used = 0
-                srt = out[r].copy()
-                for j in range(K):
-                    f = fact[K - 1 - j]
-                    d = np.int64(perm // f)
-                    perm = perm % f
-                    k = -1
-                    for m in range(K):
-                        if not (used >> m) & 1:
-                            k += 1
-                            if k == d:
-                                out[r, j] = srt[m]
-                                used |= 1 << m
-                                break
-        return bad.max()
+            row_bits += w
+        for r in range(N):
+            bit = (r // L) * token_bytes * 8 + (r % L) * row_bits
+            for j in range(M):
+                w = widths[j]
+                v = fields_NM[r, j] & ((np.uint64(1) << np.uint64(w)) - np.uint64(1))
+                p = bit >> 3
+                v = v << np.uint64(bit & 7)
+                k = 0
+                while v != 0:
+                    out[p + k] |= np.uint8(v & np.uint64(255))
+                    v = v >> np.uint64(8)
+                    k += 1
+                bit += w
 
+    @_nb.njit(cache=True, nogil=True, inline="always")
+    def _read(buf, bit, w):  # pragma: no cover - compiled
+        # w <= 57 bits at bit offset `bit`; buf has 8 bytes of padding past the data
+        p = bit >> 3
+        x = np.uint64(0)
+        for b in range(8):
+            x |= np.uint64(buf[p + b]) << np.uint64(8 * b)
+        return (x >> np.uint64(bit & 7)) & ((np.uint64(1) << np.uint64(w)) - np.uint64(1))
 
-def _pack(fields: list[np.ndarray], widths: list[int]) -> bytes:
-    N = fields[0].shape[0]
-    stride = sum(widths)
-    nbytes = (N * stride + 7) // 8
-    out = np.zeros(nbytes + 8, np.uint8)
-    if _HAVE_NUMBA and N:
-        # interleave fields row by row: row r's fields at r * stride, r * stride + w0, ...
-        if len(fields) == 1:
-            _pack_nb(fields[0], widths[0], out, 0)
-        else:
-            _pack_rows_nb(fields, widths, out, stride)
-    elif N:
-        bits = np.zeros(N * stride, np.uint8)
-        off = 0
-        for f, w in zip(fields, widths):
-            shifts = np.arange(w, dtype=np.uint64)
-            b = ((f[:, None] >> shifts[None, :]) & np.uint64(1)).astype(np.uint8)
-            idx = (np.arange(N)[:, None] * stride + off + np.arange(w)[None, :])
-            bits[idx.ravel()] = b.ravel()
-            off += w
-        packed = np.packbits(bits, bitorder="little")
-        out[:packed.shape[0]] = packed
-    return out[:nbytes].tobytes()
+    @_nb.njit(cache=True, nogil=True, inline="always")
+    def _popcount(x):  # pragma: no cover - compiled
+        x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+        x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2))
+                                                    & np.uint64(0x3333333333333333))
+        x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+        return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
 
-
-def _pack_rows_nb(fields: list[np.ndarray], widths: list[int], out: np.ndarray,
-                  stride: int) -> None:
-    # two fields per row: pack each at its bit offset, stride apart
-    for k, (f, w) in enumerate(zip(fields, widths)):
-        off = sum(widths[:k])
-        _pack_strided(f, w, out, off, stride)
-
-
-def _pack_strided(f: np.ndarray, w: int, out: np.ndarray, off: int, stride: int) -> None:
-    if _HAVE_NUMBA:
-        _pack_strided_nb(f, w, out, off, stride)
-
-
-if _HAVE_NUMBA:
+    @_nb.njit(cache=True, nogil=True, inline="always")
+    def _row_ok(row, K, E, sorted_rows):  # pragma: no cover - compiled
+        """In range, distinct and (sorted_rows) increasing; branch-free for E <= 256."""
+        bad = False
+        if sorted_rows:
+            for a in range(K - 1):
+                bad |= row[a] >= row[a + 1]
+            return not (bad or row[K - 1] >= E)
+        if E <= 256:  # the ids as bits of a 256-bit set: K distinct ids set K bits
+            w0 = np.uint64(0)
+            w1 = np.uint64(0)
+            w2 = np.uint64(0)
+            w3 = np.uint64(0)
+            one = np.uint64(1)
+            for a in range(K):
+                v = np.uint64(row[a])
+                bad |= v >= np.uint64(E)
+                m = one << (v & np.uint64(63))
+                q = v >> np.uint64(6)
+                w0 |= m * np.uint64(q == 0)
+                w1 |= m * np.uint64(q == 1)
+                w2 |= m * np.uint64(q == 2)
+                w3 |= m * np.uint64(q == 3)
+            n = _popcount(w0) + _popcount(w1) + _popcount(w2) + _popcount(w3)
+            return not (bad or n != K)
+        for a in range(K):
+            bad |= row[a] >= E
+            for b in range(a + 1, K):
+                bad |= row[a] == row[b]
+        return not bad
 
     @_nb.njit(cache=True, nogil=True)
-    def _pack_strided_nb(fields, width, out, off, stride):  # pragma: no cover - compiled
-        mask = (np.uint64(1) << np.uint64(width)) - np.uint64(1)
-        for r in range(fields.shape[0]):
-            v = fields[r] & mask
-            bit = off + r * stride
-            p = bit >> 3
-            v = v << np.uint64(bit & 7)
-            k = 0
-            while v != 0:
-                out[p + k] |= np.uint8(v & np.uint64(255))
-                v = v >> np.uint64(8)
-                k += 1
+    def _raw_block_nb(src, layer_major, T, L, E, sorted_rows, skip, out):  # pragma: no cover
+        """Raw rows of one block (token- or layer-major) into out [T*L, K], checked; bad/-1."""
+        K = out.shape[1]
+        first_bad = -1
+        has_skip = skip.shape[0] > 0
+        tile = 64  # tokens per tile: the tile's rows of every layer stay in cache
+        for t0 in range(0, T, tile):
+            t1 = min(T, t0 + tile)
+            for layer in range(L):
+                for t in range(t0, t1):
+                    r = t * L + layer
+                    q = (layer * T + t) * K if layer_major else r * K
+                    for a in range(K):
+                        out[r, a] = src[q + a]
+            for r in range(t0 * L, t1 * L):
+                if has_skip and skip[r]:
+                    for a in range(K):
+                        out[r, a] = 0
+                elif first_bad < 0 and not _row_ok(out[r], K, E, sorted_rows):
+                    first_bad = r
+        return first_bad
+
+    @_nb.njit(cache=True, nogil=True)
+    def _packed_block_nb(buf, widths, T, L, token_bytes, K, E, mode, comb, lut, shifts, fact,
+                         ptab, sorted_rows, skip, out):  # pragma: no cover - compiled
+        """Packed rows of one block into out [T*L, K], every row checked; first bad row or -1.
+
+        mode 0 set, 1 order, 2 ids. ptab[p] (K <= 8): slot j of permutation p holds sorted
+        index (ptab[p] >> 4j) & 15.
+        """
+        row_bits = 0
+        for w in widths:
+            row_bits += w
+        full = comb[K, E]
+        kfact = fact[K]
+        has_skip = skip.shape[0] > 0
+        first_bad = -1
+        tmp = np.empty(K, np.int64)
+        for t in range(T):
+            for layer in range(L):
+                r = t * L + layer
+                if has_skip and skip[r]:
+                    for j in range(K):
+                        out[r, j] = 0
+                    continue
+                bit = t * token_bytes * 8 + layer * row_bits
+                ok = True
+                if mode == 2:  # ids: K fields of ceil(log2 E) bits
+                    for j in range(K):
+                        v = _read(buf, bit + j * widths[0], widths[0])
+                        ok &= v < np.uint64(E)
+                        out[r, j] = v if v < np.uint64(E) else 0
+                    ok = ok and _row_ok(out[r], K, E, sorted_rows)
+                else:
+                    x = _read(buf, bit, widths[0])
+                    perm = _read(buf, bit + widths[0], widths[1]) if mode == 1 else np.uint64(0)
+                    if x >= full or perm >= kfact:
+                        ok = False
+                    else:
+                        for i in range(K, 0, -1):
+                            c = np.int64(lut[i, x >> np.uint64(shifts[i])])
+                            while comb[i, c + 1] <= x:
+                                c += 1
+                            out[r, i - 1] = c
+                            x -= comb[i, c]
+                        if mode == 1:
+                            for j in range(K):
+                                tmp[j] = out[r, j]
+                            if ptab.shape[0]:
+                                code = ptab[perm]
+                                for j in range(K):
+                                    out[r, j] = tmp[(code >> np.uint64(4 * j)) & np.uint64(15)]
+                            else:  # K > 8: the factorial number system, digit by digit
+                                used = 0
+                                for j in range(K):
+                                    f = fact[K - 1 - j]
+                                    d = np.int64(perm // f)
+                                    perm = perm % f
+                                    k = -1
+                                    for m in range(K):
+                                        if not (used >> m) & 1:
+                                            k += 1
+                                            if k == d:
+                                                out[r, j] = tmp[m]
+                                                used |= 1 << m
+                                                break
+                if not ok:
+                    for j in range(K):
+                        out[r, j] = 0
+                    if first_bad < 0:
+                        first_bad = r
+        return first_bad
 
 
-def _unpack_np(buf: np.ndarray, N: int, widths: list[int]) -> list[np.ndarray]:
-    stride = sum(widths)
-    bits = np.unpackbits(buf, bitorder="little")[:N * stride].reshape(N, stride)
-    out, off = [], 0
-    for w in widths:
-        weights = (np.uint64(1) << np.arange(w, dtype=np.uint64))
-        out.append((bits[:, off:off + w].astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64))
-        off += w
-    return out
-
-
-# ---- sections ---------------------------------------------------------------------------------
-def _zstd(data: bytes, level: int) -> bytes:
-    return zstandard.ZstdCompressor(level=level, write_checksum=True,
-                                    write_content_size=True).compress(data)
-
-
-def _section(name: str, data: bytes, level: int, *, force: str | None = None
-             ) -> tuple[dict[str, Any], bytes]:
-    z = _zstd(data, level) if force != "none" else None
-    if force == "zstd" or (z is not None and len(z) < len(data)):
-        stored, codec = z, "zstd"
-    else:
-        stored, codec = data, "none"
-    return ({"name": name, "bytes": len(stored), "raw_bytes": len(data), "codec": codec,
-             "crc32": zlib.crc32(stored) & 0xFFFFFFFF}, stored)
-
-
-def _rows_of(trace: RoutingTrace) -> np.ndarray:
-    ids = trace.expert_ids
-    if trace.missing is not None:
-        return ids[~trace.missing]  # [rows, K], token-major
-    return ids.reshape(-1, ids.shape[-1])
-
-
-def _route_payload(rows_NK: np.ndarray, mode: str, E: int, K: int) -> tuple[bytes, list[int]]:
-    if mode == "raw":
-        return np.ascontiguousarray(rows_NK).tobytes(), []
-    widths = _widths(mode, E, K)
-    N = rows_NK.shape[0]
+# ---- encoding -----------------------------------------------------------------------------------
+def _fields(rows_NK: np.ndarray, mode: str, E: int, K: int) -> np.ndarray:
+    """[N, M] fields of each row for ``mode``."""
     if mode == "ids":
-        fields = [np.ascontiguousarray(rows_NK[:, k]).astype(np.uint64) for k in range(K)]
-        return _pack(fields, widths), widths
+        return rows_NK.astype(np.uint64)
     comb, _, _ = _tables(E, K)
     order = mode == "order"
     if _HAVE_NUMBA:
+        N = rows_NK.shape[0]
         ranks = np.empty(N, np.uint64)
         perms = np.zeros(N, np.uint64)
         fact = np.array([math.factorial(i) for i in range(K + 1)], np.uint64)
         _rank_nb(np.ascontiguousarray(rows_NK), comb, order, fact, ranks, perms)
     else:
         ranks, perms = _rank_np(rows_NK, comb, order)
-    if not order:
-        return _pack([ranks], widths), widths
-    if len(widths) == 1:
-        return _pack([ranks * np.uint64(math.factorial(K)) + perms], widths), widths
-    return _pack([ranks, perms], widths), widths
+    return np.stack([ranks, perms], axis=1) if order else ranks[:, None]
 
 
-def encode(trace: RoutingTrace, *, mode: str = "auto", level: int = 3) -> bytes:
+def _block_payload(ids_TLK: np.ndarray, missing_TL: np.ndarray | None, mode: str, layout: str,
+                   E: int) -> bytes:
+    """One block's routes before zstd (missing cells hold zero rows or fields)."""
+    T, L, K = ids_TLK.shape
+    if mode == "raw":
+        arr = ids_TLK.transpose(1, 0, 2) if layout == "layer" else ids_TLK
+        return np.ascontiguousarray(arr).tobytes()
+    widths = _widths(mode, E, K)
+    fields = _fields(ids_TLK.reshape(-1, K), mode, E, K)
+    if missing_TL is not None:
+        fields[missing_TL.ravel()] = 0
+    if not _HAVE_NUMBA:
+        return _pack_np(fields, widths, T, L)
+    tb = _token_bytes(L, widths)
+    out = np.zeros(T * tb + 8, np.uint8)
+    _pack_nb(fields, np.asarray(widths, np.int64), L, tb, out)
+    return out[:-8].tobytes()
+
+
+def _zstd(data: bytes, level: int) -> bytes:
+    return zstandard.ZstdCompressor(level=level, write_checksum=True,
+                                    write_content_size=True).compress(data)
+
+
+def _routes(trace: RoutingTrace, mode: str, layout: str, block: int, level: int,
+            force_zstd: bool) -> tuple[dict[str, Any], bytes]:
+    """The routes section for one storage choice: (header fields, stored bytes)."""
+    ids, miss = trace.expert_ids, trace.missing
+    blocks, stored = [], []
+    for t0 in range(0, trace.num_tokens, block):
+        raw = _block_payload(ids[t0:t0 + block], None if miss is None else miss[t0:t0 + block],
+                             mode, layout, trace.num_experts)
+        z = _zstd(raw, level)
+        if force_zstd or len(z) < len(raw):
+            blocks.append([len(z), "zstd"])
+            stored.append(z)
+        else:
+            blocks.append([len(raw), "none"])
+            stored.append(raw)
+    widths = [] if mode == "raw" else _widths(mode, trace.num_experts, trace.top_k)
+    return ({"mode": mode, "widths": widths, "layout": layout, "block_tokens": block,
+             "blocks": blocks}, b"".join(stored))
+
+
+def encode(trace: RoutingTrace, *, mode: str = "auto", level: int = 3, fallback: bool = True,
+           block_tokens: int = BLOCK_TOKENS) -> bytes:
     """The wire encoding of one trace.
 
     ``mode``: ``order`` keeps the router's order (lossless for any trace); ``set`` stores each
     row as a set (the trace must be ``topk_order="sorted"``: call ``trace.with_sorted_topk()``
     when the order does not matter, as in replay); ``auto`` picks ``set`` for sorted traces and
-    ``order`` otherwise; ``ids`` and ``raw`` are the fallbacks for very large E.
+    ``order`` otherwise; ``ids`` and ``raw`` are the fallbacks for very large E. With
+    ``fallback`` (the default) the routes are stored as zstd over the raw ids whenever that is
+    smaller (layer-major, or token-major in one frame: exactly ``zstd(raw ids)``).
 
     Example:
         >>> import numpy as np
@@ -402,7 +518,9 @@ def encode(trace: RoutingTrace, *, mode: str = "auto", level: int = 3) -> bytes:
         raise TypeError(f"encode: expected a RoutingTrace, got {type(trace).__name__}")
     if mode not in MODES:
         raise ValueError(f"encode: mode must be one of {MODES}, got {mode!r}")
-    E, K = trace.num_experts, trace.top_k
+    if not isinstance(block_tokens, int) or block_tokens < 1:
+        raise ValueError(f"encode: block_tokens must be a positive int, got {block_tokens!r}")
+    E, K, T = trace.num_experts, trace.top_k, trace.num_tokens
     if mode == "auto":
         mode = "set" if trace.topk_order == "sorted" else "order"
     if mode == "set" and trace.topk_order != "sorted":
@@ -410,47 +528,67 @@ def encode(trace: RoutingTrace, *, mode: str = "auto", level: int = 3) -> bytes:
                          "trace.with_sorted_topk() to say so, or use mode='order'")
     if mode in ("set", "order") and not _mode_fits(mode, E, K):
         mode = "ids"
-    rows = _rows_of(trace)
-    payload, widths = _route_payload(rows, mode, E, K)
-    sections = []
-    meta, stored = _section("routes", payload, level)
-    # never larger than zstd over the raw ids: fall back to that when it is smaller
-    raw_meta, raw_stored = _section("routes", np.ascontiguousarray(rows).tobytes(), level,
-                                    force="zstd")
-    if len(raw_stored) < len(stored) and mode != "raw":
-        mode, widths, meta, stored = "raw", [], raw_meta, raw_stored
-    sections.append((meta, stored))
-    if trace.missing is not None:
-        sections.append(_section("missing", np.packbits(trace.missing, bitorder="little")
-                                 .tobytes(), level))
-    if trace.token_ids is not None:
-        sections.append(_section("tokens", trace.token_ids.astype("<i4").tobytes(), level))
+    best = _routes(trace, mode, "token", block_tokens, level, force_zstd=mode == "raw")
+    if fallback and mode != "raw" and T:
+        for cand in (("raw", "layer", block_tokens), ("raw", "token", T)):
+            got = _routes(trace, cand[0], cand[1], cand[2], level, force_zstd=True)
+            if len(got[1]) < len(best[1]):
+                best = got
+    route_meta, route_bytes = best
+    sections: list[tuple[dict[str, Any], bytes]] = [(
+        {"name": "routes", "bytes": len(route_bytes), "codec": "blocks"}, route_bytes)]
+    for name, raw in (("missing", None if trace.missing is None else
+                       np.packbits(trace.missing, bitorder="little").tobytes()),
+                      ("tokens", None if trace.token_ids is None else
+                       trace.token_ids.astype("<i4").tobytes())):
+        if raw is None:
+            continue
+        z = _zstd(raw, level)
+        if len(z) < len(raw):
+            sections.append(({"name": name, "bytes": len(z), "codec": "zstd",
+                              "raw_bytes": len(raw)}, z))
+        else:
+            sections.append(({"name": name, "bytes": len(raw), "codec": "none",
+                              "crc32": zlib.crc32(raw) & 0xFFFFFFFF}, raw))
     header = {
         "format": "routecap.wire", "version": WIRE_VERSION, "trace_format": FORMAT_VERSION,
         "request_id": trace.request_id, "model": trace.model, "num_experts": E, "top_k": K,
-        "moe_layers": list(trace.moe_layers), "num_tokens": trace.num_tokens,
-        "start": trace.start, "prompt_len": trace.prompt_len, "topk_order": trace.topk_order,
-        "extra": trace.extra, "mode": mode, "widths": widths, "rows": int(rows.shape[0]),
-        "sections": [m for m, _ in sections],
+        "moe_layers": list(trace.moe_layers), "num_tokens": T, "start": trace.start,
+        "prompt_len": trace.prompt_len, "topk_order": trace.topk_order, "extra": trace.extra,
+        "routes": route_meta, "sections": [m for m, _ in sections],
     }
-    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-    return b"".join([MAGIC, struct.pack("<BBI", WIRE_VERSION, 0, len(raw)), raw,
+    raw_header = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    return b"".join([MAGIC, struct.pack("<BBI", WIRE_VERSION, 0, len(raw_header)), raw_header,
                      *(s for _, s in sections)])
 
 
-# ---- decoding ---------------------------------------------------------------------------------
-def _fail(msg: str) -> CodecError:
-    return CodecError(f"routecap wire decode: {msg}")
-
-
+# ---- decoding -----------------------------------------------------------------------------------
 def _int(h: dict, key: str, lo: int, hi: int) -> int:
     v = h.get(key)
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise _fail(f"header field {key!r} should be an int in [{lo}, {hi}], got {v!r}")
+        raise _fail(f"header field {key!r} should be an int in [{lo}, {hi}], got {str(v)[:40]}")
     return v
 
 
-def _parse(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
+def _unzstd(what: str, frame: bytes, size: int) -> bytes:
+    """Decompress one zstd frame that must hold exactly ``size`` bytes."""
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError:
+        raise _fail(f"corrupt zstd frame in {what}") from None
+    if declared != size:
+        raise _fail(f"corrupt {what}: its zstd frame holds {declared} bytes, expected {size}")
+    try:
+        out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=max(size, 1))
+    except zstandard.ZstdError as e:
+        raise _fail(f"corrupt zstd data in {what} ({e})") from None
+    if len(out) != size:
+        raise _fail(f"corrupt {what}: {len(out)} bytes after zstd, expected {size}")
+    return out
+
+
+def _parse(data: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The header and the sections' stored bytes, every size and checksum checked."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode: expected bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -462,7 +600,7 @@ def _parse(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
         raise _fail(f"wire version {version} is not the version this routecap reads "
                     f"({WIRE_VERSION})" + ("; upgrade routecap" if version > WIRE_VERSION else ""))
     if H > _MAX_HEADER or 10 + H > len(data):
-        raise _fail(f"truncated or corrupt: header of {H} bytes in {len(data)} bytes")
+        raise _fail(f"truncated or corrupt: a header of {H} bytes in {len(data)} bytes")
     try:
         h = json.loads(data[10:10 + H])
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -470,37 +608,32 @@ def _parse(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
     if not isinstance(h, dict) or h.get("format") != "routecap.wire":
         raise _fail("corrupt header (not a routecap.wire header)")
     secs = h.get("sections")
-    if not isinstance(secs, list) or len(secs) > 3:
-        raise _fail("corrupt header: 'sections' should be a list of at most 3")
+    if not isinstance(secs, list) or not 1 <= len(secs) <= 3:
+        raise _fail("corrupt header: 'sections' should be a list of 1 to 3")
     pos = 10 + H
     out: dict[str, bytes] = {}
     for s in secs:
         if not isinstance(s, dict) or s.get("name") not in ("routes", "missing", "tokens") \
-                or s.get("name") in out or s.get("codec") not in ("zstd", "none"):
-            raise _fail(f"corrupt header: bad section {s!r}"[:200])
+                or s.get("name") in out:
+            raise _fail(f"corrupt header: bad section {str(s)[:80]}")
         n = _int(s, "bytes", 0, len(data))
-        raw_n = _int(s, "raw_bytes", 0, _MAX_IDS * 8)
         if pos + n > len(data):
             raise _fail(f"truncated: section {s['name']!r} needs {n} bytes at {pos}, the data "
                         f"has {len(data)}")
         stored = data[pos:pos + n]
         pos += n
-        if zlib.crc32(stored) & 0xFFFFFFFF != s.get("crc32"):
-            raise _fail(f"corrupt data: checksum mismatch in section {s['name']!r}")
-        if s["codec"] == "zstd":
-            try:
-                size = zstandard.frame_content_size(stored)
-            except zstandard.ZstdError:
-                raise _fail(f"corrupt zstd frame in section {s['name']!r}") from None
-            if size != raw_n:
-                raise _fail(f"corrupt section {s['name']!r}: zstd frame holds {size} bytes, "
-                            f"the header says {raw_n}")
-            try:
-                stored = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_n)
-            except zstandard.ZstdError as e:
-                raise _fail(f"corrupt zstd data in section {s['name']!r} ({e})") from None
-        if len(stored) != raw_n:
-            raise _fail(f"corrupt section {s['name']!r}: {len(stored)} bytes, expected {raw_n}")
+        codec = s.get("codec")
+        if s["name"] == "routes":
+            if codec != "blocks":
+                raise _fail(f"corrupt header: routes codec {codec!r}")
+        elif codec == "none":
+            if zlib.crc32(stored) & 0xFFFFFFFF != s.get("crc32"):
+                raise _fail(f"corrupt data: checksum mismatch in section {s['name']!r}")
+        elif codec == "zstd":
+            stored = _unzstd(f"section {s['name']!r}", stored,
+                             _int(s, "raw_bytes", 0, 4 * _MAX_IDS))
+        else:
+            raise _fail(f"corrupt header: section codec {codec!r}")
         out[s["name"]] = stored
     if pos != len(data):
         raise _fail(f"{len(data) - pos} unexpected bytes after the last section")
@@ -510,7 +643,7 @@ def _parse(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
 
 
 def inspect(data: bytes) -> dict[str, Any]:
-    """The header of an encoding (mode, sizes, metadata), after checking the whole encoding."""
+    """The header of an encoding (mode, sizes, metadata), after checking its structure."""
     h, _ = _parse(data)
     return h
 
@@ -528,11 +661,6 @@ def decode(data: bytes) -> RoutingTrace:
     L = len(layers)
     if T * L * K > _MAX_IDS:
         raise _fail(f"refusing {T} x {L} x {K} ids (more than {_MAX_IDS})")
-    mode = h.get("mode")
-    if mode not in ("order", "set", "ids", "raw"):
-        raise _fail(f"unknown mode {mode!r}")
-    n_rows = _int(h, "rows", 0, T * L)
-    dtype = id_dtype_for(E)
     missing = None
     if "missing" in secs:
         need = (T * L + 7) // 8
@@ -540,48 +668,32 @@ def decode(data: bytes) -> RoutingTrace:
             raise _fail(f"corrupt missing mask: {len(secs['missing'])} bytes, expected {need}")
         missing = np.unpackbits(np.frombuffer(secs["missing"], np.uint8),
                                 bitorder="little")[:T * L].astype(bool).reshape(T, L)
-        if int(missing.sum()) != T * L - n_rows:
-            raise _fail(f"corrupt: the missing mask leaves {T * L - int(missing.sum())} rows, "
-                        f"the header says {n_rows}")
-    elif n_rows != T * L:
-        raise _fail(f"corrupt: {n_rows} rows encoded for {T * L} cells and no missing mask")
-    rows = _decode_rows(secs["routes"], mode, h.get("widths"), n_rows, E, K)
     tokens = None
     if "tokens" in secs:
         if len(secs["tokens"]) != 4 * T:
             raise _fail(f"corrupt token ids: {len(secs['tokens'])} bytes for {T} tokens")
         tokens = np.frombuffer(secs["tokens"], "<i4").astype(np.int32)
-    ids = np.zeros((T, L, K), dtype)
-    if missing is None:
-        ids.reshape(-1, K)[:] = rows
-    else:
-        ids[~missing] = rows
     order = h.get("topk_order")
-    if mode == "set" and order != "sorted":
-        raise _fail(f"set mode with topk_order {order!r}")
+    r = h.get("routes")
+    if not isinstance(r, dict):
+        raise _fail("corrupt header: no 'routes' description")
+    ids = _decode_routes(secs["routes"], r, T, L, E, K, missing, sorted_rows=order == "sorted")
     fields = dict(expert_ids=ids, missing=missing, token_ids=tokens, num_experts=E,
                   moe_layers=tuple(layers), request_id=h.get("request_id"),
                   prompt_len=h.get("prompt_len"), start=h.get("start"), model=h.get("model"),
                   topk_order=order, extra=h.get("extra"))
     try:
-        if mode in ("order", "set"):
-            # every id came out of an in-range rank: distinct, in [0, E), sorted in set mode;
-            # the rest of the contract is checked without rescanning the ids
-            return _checked_metadata(fields)
-        return RoutingTrace(**fields)
+        # every row was checked while decoding (in range, distinct, sorted where the trace says
+        # so); the rest of the contract is checked here without rescanning the ids
+        return _checked_metadata(fields)
     except TraceValidationError as e:
         raise _fail(f"the decoded trace breaks the contract: {e}") from None
 
 
 def _checked_metadata(fields: dict[str, Any]) -> RoutingTrace:
-    probe = dict(fields)
-    probe["expert_ids"] = fields["expert_ids"][:0]
-    probe["missing"] = None
-    probe["token_ids"] = None if fields["token_ids"] is None else fields["token_ids"][:0]
+    probe = dict(fields, expert_ids=fields["expert_ids"][:0], missing=None,
+                 token_ids=None if fields["token_ids"] is None else fields["token_ids"][:0])
     validate_trace(_unvalidated(probe))  # metadata only (T = 0 for the arrays)
-    t = fields["token_ids"]
-    if t is not None and t.shape != (fields["expert_ids"].shape[0],):
-        raise _fail("corrupt token ids")
     return _unvalidated(fields)
 
 
@@ -590,61 +702,124 @@ def _unvalidated(fields: dict[str, Any]) -> RoutingTrace:
     for k, v in fields.items():
         object.__setattr__(t, k, v)
     object.__setattr__(t, "format_version", FORMAT_VERSION)
+    if isinstance(t.moe_layers, list):
+        object.__setattr__(t, "moe_layers", tuple(t.moe_layers))
     if t.missing is not None and not t.missing.any():
         object.__setattr__(t, "missing", None)
     return t
 
 
-def _decode_rows(buf: bytes, mode: str, widths: Any, N: int, E: int, K: int) -> np.ndarray:
-    dtype = id_dtype_for(E)
+def _decode_routes(buf: bytes, r: dict[str, Any], T: int, L: int, E: int, K: int,
+                   missing: np.ndarray | None, *, sorted_rows: bool) -> np.ndarray:
+    """``[T, L, K]`` ids from the routes section; blocks decode in parallel, every row checked."""
+    mode = r.get("mode")
+    layout = r.get("layout")
+    if mode not in ("order", "set", "ids", "raw") or layout not in ("token", "layer") or \
+            (layout == "layer" and mode != "raw"):
+        raise _fail(f"corrupt header: routes stored as mode {mode!r}, layout {layout!r}")
+    if mode == "set" and not sorted_rows:
+        raise _fail("corrupt header: set mode for a trace whose rows are not sorted")
+    widths = r.get("widths")
     if mode == "raw":
-        if len(buf) != N * K * dtype.itemsize:
-            raise _fail(f"corrupt raw routes: {len(buf)} bytes for {N} rows")
-        return np.frombuffer(buf, dtype).reshape(N, K)
-    if not _mode_fits(mode, E, K) and mode != "ids":
-        raise _fail(f"mode {mode!r} cannot encode E={E}, K={K}")
-    expect = _widths(mode, E, K)
-    if widths != expect:
-        raise _fail(f"field widths {widths!r} are not those of mode {mode!r} at E={E}, K={K} "
-                    f"({expect})")
-    stride = sum(expect)
-    need = (N * stride + 7) // 8
-    if len(buf) != need:
-        raise _fail(f"corrupt routes: {len(buf)} bytes for {N} rows of {stride} bits "
-                    f"(expected {need})")
-    padded = np.zeros(need + 8, np.uint8)
-    padded[:need] = np.frombuffer(buf, np.uint8)
-    if mode == "ids":
-        fields = _unpack_np(padded[:need], N, expect)
-        out = np.stack(fields, axis=1) if fields else np.zeros((N, K), np.uint64)
-        if N and int(out.max()) >= E:
-            raise _fail(f"corrupt routes: an id is >= num_experts={E}")
-        return out.astype(dtype)
-    comb, lut, shifts = _tables(E, K)
-    order = mode == "order"
-    if _HAVE_NUMBA and N:
-        out = np.empty((N, K), np.int64)
-        fact = np.array([math.factorial(i) for i in range(K + 1)], np.uint64)
-        bad = _decode_nb(padded, np.asarray(expect, np.int64), N, K, E, order, comb, lut,
-                         shifts, fact, out)
-        if bad >= 0:
-            raise _fail(f"corrupt routes: row {bad} holds a rank outside its range")
-        return out.astype(dtype)
-    fields = _unpack_np(padded[:need], N, expect)
-    full = np.uint64(math.comb(E, K))
-    if order and len(expect) == 1:
-        kf = np.uint64(math.factorial(K))
-        perms, ranks = fields[0] % kf, fields[0] // kf
-    elif order:
-        ranks, perms = fields
-        if N and int(perms.max()) >= math.factorial(K):
-            raise _fail("corrupt routes: a row holds an order code outside its range")
+        if widths != []:
+            raise _fail("corrupt header: raw routes have no field widths")
     else:
-        ranks, perms = fields[0], None
-    if N and int(ranks.max()) >= int(full):
-        raise _fail("corrupt routes: a row holds a rank outside its range")
-    return _unrank_np(ranks, perms, comb, K, E).astype(dtype)
+        if mode != "ids" and not _mode_fits(mode, E, K):
+            raise _fail(f"mode {mode!r} cannot encode E={E}, K={K}")
+        if widths != _widths(mode, E, K):
+            raise _fail(f"field widths {str(widths)[:80]} are not those of mode {mode!r} at "
+                        f"E={E}, K={K}")
+    bt = _int(r, "block_tokens", 1, _MAX_IDS)
+    blocks = r.get("blocks")
+    n_blocks = -(-T // bt)
+    if not isinstance(blocks, list) or len(blocks) != n_blocks:
+        raise _fail(f"corrupt header: {T} tokens in blocks of {bt} need {n_blocks} blocks")
+    dtype = id_dtype_for(E)
+    per_token = L * K * dtype.itemsize if mode == "raw" else _token_bytes(L, widths)
+    spans = []
+    pos = 0
+    for i, b in enumerate(blocks):
+        if not (isinstance(b, list) and len(b) == 2 and isinstance(b[0], int)
+                and not isinstance(b[0], bool) and b[0] >= 0 and b[1] in ("zstd", "none")):
+            raise _fail(f"corrupt header: block {i} is {str(b)[:40]}")
+        t0 = i * bt
+        t1 = min(T, t0 + bt)
+        size = (t1 - t0) * per_token
+        if b[1] == "none" and b[0] != size:
+            raise _fail(f"corrupt routes block of tokens [{t0}, {t1}): {b[0]} bytes, expected "
+                        f"{size}")
+        if b[1] == "zstd":
+            try:
+                declared = zstandard.frame_content_size(buf[pos:pos + b[0]])
+            except zstandard.ZstdError:
+                raise _fail(f"corrupt zstd frame in routes block of tokens [{t0}, {t1})") from None
+            if declared != size:
+                raise _fail(f"corrupt routes block of tokens [{t0}, {t1}): its zstd frame holds "
+                            f"{declared} bytes, expected {size}")
+        spans.append((t0, t1, pos, b[0], b[1]))
+        pos += b[0]
+    if pos != len(buf):
+        raise _fail(f"corrupt routes: blocks hold {pos} bytes, the section {len(buf)}")
+    # every size is known to agree: only now allocate
+    out = np.empty((T * L, K), dtype)
+    skip = np.zeros(0, bool) if missing is None else missing.ravel()
+    if mode != "raw" and mode != "ids":
+        comb, lut, shifts = _tables(E, K)
+    else:  # no ranks: the combinatorial tables are neither needed nor always representable
+        comb = np.zeros((K + 1, 2), np.uint64)
+        lut, shifts = np.zeros((K + 1, 1), np.uint8), np.zeros(K + 1, np.int64)
+    fact = np.array([math.factorial(i) for i in range(min(K, 20) + 1)] + [0] * max(0, K - 20),
+                    np.uint64)
+    ptab = _perm_table(K) if mode == "order" else np.zeros(0, np.uint64)
+    w_arr = np.asarray(widths, np.int64)
+
+    def block(span: tuple[int, int, int, int, str]) -> int:
+        t0, t1, off, n, codec = span
+        Tb = t1 - t0
+        size = Tb * per_token
+        raw = buf[off:off + n]
+        if codec == "zstd":
+            raw = _unzstd(f"routes block of tokens [{t0}, {t1})", raw, size)
+        elif n != size:
+            raise _fail(f"corrupt routes block of tokens [{t0}, {t1}): {n} bytes, expected "
+                        f"{size}")
+        sk = skip[t0 * L:t1 * L] if skip.shape[0] else skip
+        dst = out[t0 * L:t1 * L]
+        if mode == "raw":
+            src = np.frombuffer(raw, dtype)
+            if _HAVE_NUMBA:
+                bad = _raw_block_nb(src, layout == "layer", Tb, L, E, sorted_rows, sk, dst)
+            else:
+                arr = src.reshape(L, Tb, K).transpose(1, 0, 2) if layout == "layer" else src
+                bad = _decode_block_np(np.ascontiguousarray(arr).reshape(Tb * L, K), "raw", [],
+                                       Tb, L, E, K, sk, sorted_rows, dst)
+        else:
+            padded = np.zeros(size + 8, np.uint8)
+            padded[:size] = np.frombuffer(raw, np.uint8)
+            if _HAVE_NUMBA:
+                bad = _packed_block_nb(padded, w_arr, Tb, L, per_token, K, E, _MODE_CODE[mode],
+                                       comb, lut, shifts, fact, ptab, sorted_rows, sk, dst)
+            else:
+                bad = _decode_block_np(padded[:size], mode, widths, Tb, L, E, K, sk,
+                                       sorted_rows, dst)
+        return -1 if bad < 0 else t0 * L + int(bad)
+
+    results = _map(block, spans)
+    bad = [b for b in results if b >= 0]
+    if bad:
+        row = min(bad)
+        raise _fail(f"corrupt routes: row {row} (token {row // L}, layer {row % L}) is not a "
+                    f"valid route (out of range, repeated or unsorted ids)")
+    return out.reshape(T, L, K)
 
 
-def _with(trace: RoutingTrace, **kw: Any) -> RoutingTrace:
-    return replace(trace, **kw)
+def _map(fn: Callable[[Any], int], items: list[Any]) -> list[int]:
+    """``fn`` over items, on several threads when there are several (zstd and the numba kernels
+    release the GIL, so blocks decode side by side)."""
+    workers = min(len(items), os.cpu_count() or 1)
+    if workers <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))

@@ -40,6 +40,7 @@ __all__ = [
     "UnsupportedModelError",
     "capture_generate",
     "find_moe_routers",
+    "moe_layers_from_config",
 ]
 
 _ROUTER_ATTRS = ("gate", "router")
@@ -341,6 +342,21 @@ def find_moe_routers(model: nn.Module, *, probe: bool = True) -> MoEModelInfo:
     return MoEModelInfo(architecture=arch, model_name=str(name), sites=tuple(sites),
                         num_hidden_layers=num_hidden, step_module=step_module,
                         step_module_path=step_path)
+
+
+def moe_layers_from_config(config: Any) -> tuple[int, ...]:
+    """The decoder layers that hold a router, for a transformers config (no weights needed).
+
+    The model is built on the meta device and searched like :func:`find_moe_routers`, so every
+    architecture's own rule (``mlp_only_layers``, ``first_k_dense_replace``, ``decoder_sparse_step``,
+    ``layer_types``, ...) applies exactly. Engines that return all layers (vLLM, SGLang) need this
+    to drop the dense ones.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return find_moe_routers(model, probe=False).moe_layers
 
 
 @dataclass(frozen=True, kw_only=True)

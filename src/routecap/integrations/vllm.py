@@ -1,0 +1,274 @@
+"""vLLM: a general plugin that fixes data-parallel capture on vLLM 0.16-0.19, and output adapters.
+
+Shape legend: T tokens, L MoE layers, A all decoder layers (vLLM's width), K top-k, E experts.
+
+**The plugin.** vLLM 0.16 to 0.19 ship ``RoutedExpertsCapturer.capture`` with
+``assert cumsum[-1] == topk_ids.shape[0]``: it assumes the router saw every DP rank's tokens
+(naive dispatch) and crashes with ``--data-parallel-size > 1`` when the quantization method takes
+the modular-kernel path, where the router sees only the local tokens. :func:`register` is a
+``vllm.general_plugins`` entry point (vLLM loads it in every process). It tests the installed
+capturer's *behaviour*, not its version string: if a local-layout call fails the way the seed
+bug does, it replaces ``capture`` with routecap's layout logic (gathered, padded and local rows;
+a clear error naming every size otherwise; ``ROUTECAP_VLLM_LENIENT=1`` marks the rank's rows of
+that layer missing with -1 instead), and logs once what it did. On any other vLLM it does
+nothing and says so at debug level. It never lets an exception escape into vLLM's start-up.
+
+**The adapters.** vLLM returns ``CompletionOutput.routed_experts`` as int32 ``[T, A, K]`` over
+*all* decoder layers, dense layers as zero rows that look like expert 0; later vLLM's
+OpenAI server returns base64 of an ``.npy`` file. :func:`from_vllm` keeps the MoE layers only
+(checking that the others are zero), marks rows that cannot be routes as missing (all-zero rows
+with K > 1, which a skipped capture leaves, and -1 rows), and :func:`to_vllm` gives the exact
+array back.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..layout import LayoutError, RankView, infer_layout
+from ..trace import RoutingTrace
+
+__all__ = [
+    "PLUGIN_STATUS",
+    "RoutecapVLLMError",
+    "from_vllm",
+    "from_vllm_b64npy",
+    "plugin_status",
+    "register",
+    "to_vllm",
+    "to_vllm_b64npy",
+]
+
+logger = logging.getLogger("routecap.vllm")
+_MARKER = "_routecap_patched"
+#: What :func:`register` found and did in this process (``routecap doctor`` prints it).
+PLUGIN_STATUS: dict[str, Any] = {"loaded": False}
+
+
+class RoutecapVLLMError(RuntimeError):
+    """vLLM's router rows fit no data-parallel layout (the message names every size)."""
+
+
+# ---- the plugin ---------------------------------------------------------------------------------
+def _capturer_module() -> Any:
+    from vllm.model_executor.layers.fused_moe import routed_experts_capturer as rec
+
+    return rec
+
+
+def has_seed_bug(rec: Any) -> bool | None:
+    """True if the capturer asserts on local-layout rows (the seed bug), False if it accepts
+    them, None if it cannot be tested (another interface)."""
+    import torch
+
+    cls = getattr(rec, "RoutedExpertsCapturer", None)
+    if cls is None or not hasattr(rec, "get_forward_context"):
+        return None
+    try:
+        cap = cls()
+    except Exception:  # noqa: BLE001 - another constructor: not the capturer we know
+        return None
+    counts = torch.tensor([2, 3], dtype=torch.int32)
+
+    class _DP:
+        num_tokens_across_dp_cpu = counts
+        max_tokens_across_dp_cpu = counts.max()
+
+    class _Ctx:
+        dp_metadata = _DP()
+
+    saved = rec.get_forward_context
+    rec.get_forward_context = lambda: _Ctx()
+    try:
+        cap._device_buffer = torch.zeros((4, 1, 2), dtype=torch.int32)
+        cap.dp_rank = 1
+        local = torch.tensor([[1, 2], [3, 4], [5, 6]], dtype=torch.int32)  # this rank's 3 rows
+        try:
+            cls.capture(cap, 0, local)
+        except AssertionError:
+            return True
+        except Exception:  # noqa: BLE001 - it failed some other way: leave it alone
+            return None
+        return not bool((cap._device_buffer[:3, 0] == local).all())
+    finally:
+        rec.get_forward_context = saved
+
+
+def _routecap_capture(self: Any, layer_id: int, topk_ids: Any) -> None:
+    """routecap's replacement for ``RoutedExpertsCapturer.capture`` (vLLM 0.16-0.19)."""
+    rec = _capturer_module()
+    buf = self._device_buffer
+    if layer_id >= buf.shape[1]:
+        return  # layers past the model's (MTP) are not captured, as vLLM does
+    n = int(topk_ids.shape[0])
+    ctx = rec.get_forward_context()
+    dp = getattr(ctx, "dp_metadata", None)
+    if dp is None:
+        segments, count = ((0, n),), n
+    else:
+        # NOTE: a CPU tensor (vLLM keeps the counts on the host): no device sync
+        counts = [int(c) for c in dp.num_tokens_across_dp_cpu.tolist()]
+        view = RankView(tokens_per_dp=counts, dp_rank=int(self.dp_rank))
+        try:
+            plan = infer_layout(view, n)
+        except LayoutError as e:
+            mine = counts[int(self.dp_rank)]
+            if os.environ.get("ROUTECAP_VLLM_LENIENT") == "1":
+                buf[:mine, layer_id, :] = -1  # missing, never a stale route
+                if not getattr(self, "_routecap_warned", False):
+                    self._routecap_warned = True
+                    logger.warning("routecap: layer %d: %s; marked this rank's %d rows missing "
+                                   "(-1) (warned once)", layer_id, e, mine)
+                return
+            raise RoutecapVLLMError(f"routecap: vLLM routed-experts capture, layer {layer_id}: "
+                                    f"{e}") from None
+        segments, count = plan.segments, plan.num_tokens
+    dst = 0
+    for start, length in segments:
+        if length:
+            buf[dst:dst + length, layer_id, :] = topk_ids[start:start + length, :]
+        dst += length
+    del count
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point. Idempotent; never raises."""
+    try:
+        PLUGIN_STATUS.update(_install())
+    except Exception as e:  # noqa: BLE001 - a plugin must never break vLLM's start-up
+        PLUGIN_STATUS.update(loaded=True, patched=False, reason=f"{type(e).__name__}: {e}")
+        logger.warning("routecap plugin: left vLLM unchanged (%s: %s)", type(e).__name__, e)
+
+
+def _install() -> dict[str, Any]:
+    try:
+        import vllm
+
+        version = getattr(vllm, "__version__", "?")
+    except ImportError:
+        return {"loaded": True, "patched": False, "vllm": None, "reason": "vLLM is not installed"}
+    try:
+        rec = _capturer_module()
+    except ImportError:
+        logger.debug("routecap plugin: vLLM %s has no routed-experts capturer; nothing to do",
+                     version)
+        return {"loaded": True, "patched": False, "vllm": version,
+                "reason": "this vLLM has no routed-experts capturer"}
+    cls = rec.RoutedExpertsCapturer
+    if getattr(cls, _MARKER, False):
+        return {"loaded": True, "patched": True, "vllm": version,
+                "reason": "already patched in this process"}
+    bug = has_seed_bug(rec)
+    if bug is not True:
+        why = ("its capture() already handles local-layout rows" if bug is False
+               else "its capturer has an interface routecap does not know")
+        logger.debug("routecap plugin: vLLM %s left unchanged: %s", version, why)
+        return {"loaded": True, "patched": False, "vllm": version, "reason": why}
+    cls.capture = _routecap_capture
+    setattr(cls, _MARKER, True)
+    logger.info("routecap plugin: vLLM %s: replaced RoutedExpertsCapturer.capture, which asserts "
+                "that the router saw every data-parallel rank's tokens, with routecap's layout "
+                "logic (gathered, padded and local rows; a clear error otherwise)", version)
+    return {"loaded": True, "patched": True, "vllm": version,
+            "reason": "the installed capture() asserts on local-layout rows (the DP>1 "
+                      "modular-kernel crash)"}
+
+
+def plugin_status() -> dict[str, Any]:
+    """What the plugin would do here (runs :func:`register` in this process)."""
+    register()
+    status = dict(PLUGIN_STATUS)
+    try:
+        from importlib.metadata import entry_points
+
+        eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "routecap"]
+        status["entry_point"] = eps[0].value if eps else None
+    except Exception:  # noqa: BLE001
+        status["entry_point"] = None
+    allowed = os.environ.get("VLLM_PLUGINS")
+    status["vllm_plugins_env"] = allowed
+    status["enabled_by_env"] = allowed is None or "routecap" in allowed.split(",")
+    return status
+
+
+# ---- adapters -----------------------------------------------------------------------------------
+def from_vllm(routed_experts: np.ndarray, *, moe_layers: Sequence[int], num_experts: int,
+              request_id: str, prompt_len: int, start: int = 0, model: str = "",
+              token_ids: Sequence[int] | None = None) -> RoutingTrace:
+    """A trace from vLLM's ``CompletionOutput.routed_experts`` (``[T, A, K]`` over all layers).
+
+    ``moe_layers``: which of the A decoder layers are MoE layers (see
+    :func:`routecap.integrations.hf.moe_layers_from_config`); the others must be zero rows.
+    Rows of MoE layers that cannot be routes are marked missing: all-zero rows when K > 1 (a
+    capture that never ran, e.g. a monolithic MoE kernel) and rows of -1 (routecap's plugin in
+    lenient mode).
+    """
+    a = np.asarray(routed_experts)
+    if a.ndim != 3 or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"from_vllm: expected an integer array [T, num_layers, K], got "
+                         f"{a.dtype} {a.shape}")
+    layers = list(moe_layers)
+    A = a.shape[1]
+    if not layers or max(layers) >= A or min(layers) < 0:
+        raise ValueError(f"from_vllm: moe_layers {layers} do not fit an array of {A} layers")
+    dense = [i for i in range(A) if i not in set(layers)]
+    if dense and a[:, dense].any():
+        i = next(d for d in dense if a[:, d].any())
+        raise ValueError(f"from_vllm: layer {i} is not in moe_layers but holds non-zero ids; "
+                         "the moe_layers given do not match this model")
+    ids = a[:, layers].astype(np.int64)
+    K = ids.shape[2]
+    neg = (ids == -1).all(axis=2)
+    zero = (ids == 0).all(axis=2) if K > 1 else np.zeros(ids.shape[:2], bool)
+    missing = neg | zero
+    fill = -1 if neg.any() and not zero.any() else 0
+    tok = None if token_ids is None else np.asarray(token_ids, np.int32)
+    extra = {"vllm": {"num_layers": A, "dtype": a.dtype.str, "missing_fill": fill}}
+    return RoutingTrace.from_ids(ids, num_experts=num_experts, moe_layers=layers,
+                                 request_id=request_id, prompt_len=prompt_len, start=start,
+                                 model=model, missing=missing if missing.any() else None,
+                                 token_ids=tok, extra=extra)
+
+
+def to_vllm(trace: RoutingTrace, *, num_layers: int | None = None,
+            dtype: str | np.dtype | None = None) -> np.ndarray:
+    """vLLM's ``routed_experts`` array for a trace: ``[T, A, K]``, dense layers zero.
+
+    ``num_layers`` and ``dtype`` default to what :func:`from_vllm` recorded (else A = the last MoE
+    layer + 1, int32); missing rows are written the way they came (0 or -1).
+    """
+    rec = trace.extra.get("vllm", {}) if isinstance(trace.extra.get("vllm"), dict) else {}
+    A = num_layers if num_layers is not None else rec.get("num_layers", trace.moe_layers[-1] + 1)
+    dt = np.dtype(dtype if dtype is not None else rec.get("dtype", "<i4"))
+    if trace.moe_layers[-1] >= A:
+        raise ValueError(f"to_vllm: MoE layer {trace.moe_layers[-1]} does not fit {A} layers")
+    out = np.zeros((trace.num_tokens, A, trace.top_k), dt)
+    ids = trace.to_numpy(fill=int(rec.get("missing_fill", 0)))
+    out[:, list(trace.moe_layers)] = ids.astype(dt)
+    return out
+
+
+def from_vllm_b64npy(data: str | bytes, **kwargs: Any) -> RoutingTrace:
+    """A trace from the base64 ``.npy`` string of vLLM's OpenAI-compatible ``routed_experts``."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, TypeError, OSError, EOFError) as e:
+        raise ValueError(f"from_vllm_b64npy: not base64 of a .npy array ({e})") from None
+    if not isinstance(arr, np.ndarray):
+        raise ValueError("from_vllm_b64npy: the .npy holds no array")
+    return from_vllm(arr, **kwargs)
+
+
+def to_vllm_b64npy(trace: RoutingTrace, **kwargs: Any) -> str:
+    """The base64 ``.npy`` string for a trace (see :func:`to_vllm` for the arguments)."""
+    buf = io.BytesIO()
+    np.save(buf, to_vllm(trace, **kwargs), allow_pickle=False)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
