@@ -164,3 +164,31 @@ def test_dispatch_needs_several_processes(tmp_path):
     r = run("capture", "--model", "builtin:tiny-qwen3-moe", "--prompts", "examples/prompts.txt",
             "--out", str(tmp_path), "--dispatch", "gathered")
     assert r.returncode == 2 and "needs several processes (--nproc N, N > 1)" in r.stderr
+
+
+def test_doctor_reports_versions_and_the_vllm_fix():
+    r = run("doctor")
+    assert r.returncode == 0, r.stderr
+    for part in ("routecap", "torch", "transformers", "codec kernels", "vLLM"):
+        assert part in r.stdout
+
+
+def test_convert_cli(tmp_path):
+    out = tmp_path / "d"
+    assert run("capture", "--model", "builtin:tiny-qwen3-moe", "--prompts", "examples/prompts.txt",
+               "--max-new-tokens", "2", "--out", str(out)).returncode == 0
+    shape = ["--num-layers", "4", "--moe-layers", "1,2,3", "--num-experts", "16", "--top-k", "4"]
+    r = run("convert", str(out), str(tmp_path / "s.jsonl"), "--to", "sglang", *shape)
+    assert r.returncode == 0 and "converted 12 traces" in r.stdout, r.stderr
+    r = run("convert", str(tmp_path / "s.jsonl"), str(tmp_path / "back"), "--to", "trace", *shape)
+    assert r.returncode == 0, r.stderr
+    a = {t.request_id: t.to_numpy() for t in open_traces(out)}
+    b = {t.request_id: t.to_numpy() for t in open_traces(tmp_path / "back")}
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    r = run("convert", str(tmp_path / "s.jsonl"), str(tmp_path / "x"), "--to", "trace")
+    assert r.returncode == 2 and "needs the model's router shape" in r.stderr
+    r = run("convert", str(tmp_path / "s.jsonl"), str(tmp_path / "x"), "--to", "trace",
+            "--num-layers", "4")
+    assert r.returncode == 2 and "give all of --num-layers" in r.stderr
+    r = run("convert", str(out), str(tmp_path / "s.jsonl"), "--to", "wire")
+    assert r.returncode == 2 and "exists; pass --overwrite" in r.stderr

@@ -46,6 +46,13 @@ class Dispatch(str, Enum):
     ep = "ep"
 
 
+class Format(str, Enum):
+    trace = "trace"
+    wire = "wire"
+    sglang = "sglang"
+    vllm = "vllm"
+
+
 class PromptFormat(str, Enum):
     auto = "auto"
     text = "text"
@@ -240,6 +247,103 @@ def show(
                           "every finished shard was read")
         return
     _print_request(trace, limit, _token_decoder(trace, tokenizer))
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="A trace folder or file, or a JSONL of records.")],
+    dst: Annotated[Path, typer.Argument(help="Where to write (a folder for trace, else JSONL).")],
+    to: Annotated[Format, typer.Option("--to", help="Output format.")],
+    from_: Annotated[Format | None, typer.Option("--from", help="Input format (guessed when "
+                                                  "left out).")] = None,
+    model_config: Annotated[Path | None, typer.Option(help="A model folder or config.json, for "
+                                                      "the router shape the engine formats "
+                                                      "leave out.")] = None,
+    num_layers: Annotated[int | None, typer.Option(help="All decoder layers (engine formats).")]
+    = None,
+    moe_layers: Annotated[str | None, typer.Option(help="MoE layer numbers, e.g. 1,2,3.")] = None,
+    num_experts: Annotated[int | None, typer.Option(help="E.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="K.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace DST.")] = False,
+) -> None:
+    """Convert between trace files, routecap wire JSONL, SGLang meta_info and vLLM records."""
+    from .codec import CodecError
+    from .convert import ConvertError, RouterShape
+    from .convert import convert as run
+    from .convert import guess_format
+    from .files import TraceFileError
+
+    try:
+        src_fmt = from_.value if from_ is not None else guess_format(src)
+        shape = None
+        if model_config is not None:
+            shape = RouterShape.from_config(model_config)
+        elif any(v is not None for v in (num_layers, moe_layers, num_experts, top_k)):
+            if None in (num_layers, moe_layers, num_experts, top_k):
+                raise ConvertError("give all of --num-layers, --moe-layers, --num-experts and "
+                                   "--top-k (or --model-config)")
+            try:
+                layers = tuple(int(x) for x in moe_layers.split(","))
+            except ValueError:
+                raise ConvertError(f"--moe-layers: expected numbers like 1,2,3, got "
+                                   f"{moe_layers!r}") from None
+            shape = RouterShape(num_layers=num_layers, moe_layers=layers,
+                                num_experts=num_experts, top_k=top_k)
+        n = run(src, dst, src_format=src_fmt, dst_format=to.value, shape=shape,
+                overwrite=overwrite)
+    except (ConvertError, TraceFileError, CodecError, ValueError) as e:
+        raise _fail(str(e)) from None
+    except FileExistsError as e:
+        raise _fail(f"{e}; pass --overwrite or choose another destination") from None
+    out.print(f"converted {n} traces: {src} ({src_fmt}) -> {dst} ({to.value})")
+
+
+@app.command()
+def doctor() -> None:
+    """Report versions, the codec's fast path, and whether the vLLM plugin's fix is active."""
+    import platform
+
+    from . import codec
+
+    rows: list[tuple[str, str]] = [("routecap", __version__),
+                                   ("python", platform.python_version())]
+    for name in ("torch", "transformers", "numpy", "safetensors", "zstandard", "numba"):
+        try:
+            mod = __import__(name)
+            version = getattr(mod, "__version__", "?")
+            if name == "torch":
+                version += f" (CUDA {'available' if mod.cuda.is_available() else 'not available'})"
+            rows.append((name, version))
+        except ImportError:
+            rows.append((name, "not installed"))
+    rows.append(("codec kernels", "numba (fast)" if codec._HAVE_NUMBA else
+                 "numpy fallback (install numba for speed)"))
+    from .integrations.vllm import plugin_status
+
+    st = plugin_status()
+    if st.get("vllm") is None:
+        rows.append(("vLLM", "not installed"))
+    else:
+        rows.append(("vLLM", str(st["vllm"])))
+        rows.append(("vLLM plugin entry point", st.get("entry_point") or "not registered "
+                     "(reinstall routecap)"))
+        rows.append(("VLLM_PLUGINS allows it", "yes" if st["enabled_by_env"] else
+                     f"no (VLLM_PLUGINS={st['vllm_plugins_env']!r})"))
+        active = st.get("patched") and st["enabled_by_env"] and st.get("entry_point")
+        rows.append(("DP capture fix", ("active: " if active else "not active: ") +
+                     str(st.get("reason", ""))))
+    try:
+        import sglang  # noqa: F401
+
+        rows.append(("SGLang", getattr(sglang, "__version__", "?")))
+    except ImportError:
+        rows.append(("SGLang", "not installed"))
+    t = Table(title="routecap doctor", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in rows:
+        t.add_row(k, v)
+    out.print(t)
 
 
 def _token_decoder(trace: Any, tokenizer: str | None) -> Any:

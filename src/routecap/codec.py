@@ -471,25 +471,31 @@ def _block_payload(ids_TLK: np.ndarray, missing_TL: np.ndarray | None, mode: str
     return out[:-8].tobytes()
 
 
-def _zstd(data: bytes, level: int) -> bytes:
-    return zstandard.ZstdCompressor(level=level, write_checksum=True,
+def _zstd(data: bytes, level: int, *, checksum: bool = True) -> bytes:
+    return zstandard.ZstdCompressor(level=level, write_checksum=checksum,
                                     write_content_size=True).compress(data)
 
 
 def _routes(trace: RoutingTrace, mode: str, layout: str, block: int, level: int,
-            force_zstd: bool) -> tuple[dict[str, Any], bytes]:
-    """The routes section for one storage choice: (header fields, stored bytes)."""
+            force_zstd: bool, checksum: bool = True) -> tuple[dict[str, Any], bytes]:
+    """The routes section for one storage choice: (header fields, stored bytes).
+
+    Each block is ``[stored bytes, codec]``, plus the CRC-32 of the stored bytes where zstd's
+    own frame checksum is left out (the one-frame raw candidate, byte for byte ``zstd(raw)``)
+    or the block is stored uncompressed.
+    """
     ids, miss = trace.expert_ids, trace.missing
     blocks, stored = [], []
     for t0 in range(0, trace.num_tokens, block):
         raw = _block_payload(ids[t0:t0 + block], None if miss is None else miss[t0:t0 + block],
                              mode, layout, trace.num_experts)
-        z = _zstd(raw, level)
+        z = _zstd(raw, level, checksum=checksum)
         if force_zstd or len(z) < len(raw):
-            blocks.append([len(z), "zstd"])
+            blocks.append([len(z), "zstd"] if checksum else
+                          [len(z), "zstd", zlib.crc32(z) & 0xFFFFFFFF])
             stored.append(z)
         else:
-            blocks.append([len(raw), "none"])
+            blocks.append([len(raw), "none", zlib.crc32(raw) & 0xFFFFFFFF])
             stored.append(raw)
     widths = [] if mode == "raw" else _widths(mode, trace.num_experts, trace.top_k)
     return ({"mode": mode, "widths": widths, "layout": layout, "block_tokens": block,
@@ -530,8 +536,8 @@ def encode(trace: RoutingTrace, *, mode: str = "auto", level: int = 3, fallback:
         mode = "ids"
     best = _routes(trace, mode, "token", block_tokens, level, force_zstd=mode == "raw")
     if fallback and mode != "raw" and T:
-        for cand in (("raw", "layer", block_tokens), ("raw", "token", T)):
-            got = _routes(trace, cand[0], cand[1], cand[2], level, force_zstd=True)
+        for cand in (("raw", "layer", block_tokens, True), ("raw", "token", T, False)):
+            got = _routes(trace, *cand[:3], level, force_zstd=True, checksum=cand[3])
             if len(got[1]) < len(best[1]):
                 best = got
     route_meta, route_bytes = best
@@ -739,9 +745,12 @@ def _decode_routes(buf: bytes, r: dict[str, Any], T: int, L: int, E: int, K: int
     spans = []
     pos = 0
     for i, b in enumerate(blocks):
-        if not (isinstance(b, list) and len(b) == 2 and isinstance(b[0], int)
-                and not isinstance(b[0], bool) and b[0] >= 0 and b[1] in ("zstd", "none")):
+        if not (isinstance(b, list) and len(b) in (2, 3) and isinstance(b[0], int)
+                and not isinstance(b[0], bool) and b[0] >= 0 and b[1] in ("zstd", "none")
+                and (len(b) == 3 or b[1] == "zstd")):
             raise _fail(f"corrupt header: block {i} is {str(b)[:40]}")
+        if len(b) == 3 and zlib.crc32(buf[pos:pos + b[0]]) & 0xFFFFFFFF != b[2]:
+            raise _fail(f"corrupt data: checksum mismatch in routes block {i}")
         t0 = i * bt
         t1 = min(T, t0 + bt)
         size = (t1 - t0) * per_token

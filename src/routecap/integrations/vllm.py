@@ -27,6 +27,7 @@ import base64
 import io
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -255,15 +256,36 @@ def to_vllm(trace: RoutingTrace, *, num_layers: int | None = None,
     return out
 
 
+def _load_npy(raw: bytes) -> np.ndarray:
+    """An integer array from ``.npy`` bytes, every size checked before anything is allocated."""
+    f = io.BytesIO(raw)
+    fmt = np.lib.format
+    try:
+        major, _ = fmt.read_magic(f)
+        read = {1: fmt.read_array_header_1_0, 2: fmt.read_array_header_2_0}.get(major)
+        if read is None:
+            raise ValueError(f"npy version {major}")
+        with warnings.catch_warnings():  # hostile headers make numpy's parser chatty
+            warnings.simplefilter("ignore")
+            shape, fortran, dtype = read(f)
+    except Exception as e:  # noqa: BLE001 - numpy parses hostile headers with many exceptions
+        raise ValueError(f"bad .npy header ({type(e).__name__}: {e})"[:200]) from None
+    if not np.issubdtype(dtype, np.integer) or dtype.hasobject:
+        raise ValueError(f"expected an integer array, got dtype {dtype}")
+    count = int(np.prod(shape, dtype=object))
+    if count * dtype.itemsize != len(raw) - f.tell():
+        raise ValueError(f"the header promises {shape} {dtype} ({count * dtype.itemsize} bytes), "
+                         f"the data holds {len(raw) - f.tell()}")
+    arr = np.frombuffer(raw, dtype, count=count, offset=f.tell())
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
 def from_vllm_b64npy(data: str | bytes, **kwargs: Any) -> RoutingTrace:
     """A trace from the base64 ``.npy`` string of vLLM's OpenAI-compatible ``routed_experts``."""
     try:
-        raw = base64.b64decode(data, validate=True)
-        arr = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, TypeError, OSError, EOFError) as e:
+        arr = _load_npy(base64.b64decode(data, validate=True))
+    except (ValueError, TypeError) as e:
         raise ValueError(f"from_vllm_b64npy: not base64 of a .npy array ({e})") from None
-    if not isinstance(arr, np.ndarray):
-        raise ValueError("from_vllm_b64npy: the .npy holds no array")
     return from_vllm(arr, **kwargs)
 
 
