@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["routecap.trace", "routecap.capturer", "routecap.store", "routecap.files",
+MODULES = ["routecap.trace", "routecap.capturer", "routecap.store", "routecap.files", "routecap.codec",
            "routecap.integrations.hf", "routecap.builtin"]
 
 

@@ -1,7 +1,7 @@
 """vLLM adapters (byte-exact round trips) and the plugin's logic, without vLLM installed.
 
 The plugin is tested against a stand-in capturer module written here that behaves like vLLM
-0.16-0.19's (the assertion) and like 0.20's (either layout); tests/vllm/ runs it against the real
+0.16-0.19's (the assertion) and like 0.20's (either layout); tests/vllm_stage/ runs it against the real
 vLLM 0.19.1 (scripts/vllm-stage.sh).
 """
 

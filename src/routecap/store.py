@@ -70,7 +70,7 @@ class RouteStore:
     Example:
         >>> import numpy as np
         >>> s = RouteStore(num_experts=8, moe_layers=[0], top_k=2, block_size=2)
-        >>> s.add_request("a", prompt_len=3)
+        >>> cached = s.add_request("a", prompt_len=3)
         >>> s.write("a", 0, np.array([[[1, 2]], [[3, 4]], [[5, 6]]], np.uint8))
         >>> t = s.take("a", start=1)
         >>> t.expert_ids.tolist(), t.start, t.missing
