@@ -120,7 +120,7 @@ def run_shape(layers, experts, top_k, tokens, repeats):
     zstd_raw = None
     for name, enc, dec in formats:
         blob, t_enc = timed(enc, repeats)
-        _, t_dec = timed(lambda: dec(blob), repeats)
+        _, t_dec = timed(lambda dec=dec, blob=blob: dec(blob), repeats)
         size = len(blob)
         if name == "raw uint8 + zstd":
             zstd_raw = size

@@ -223,6 +223,8 @@ def _mutate(rng, data: bytes, seeds) -> bytes:
             h, rest = _header_and_rest(bytes(b))
         except Exception:  # noqa: BLE001
             return bytes(b)
+        if not isinstance(h, dict):
+            return bytes(b)
         key = ["num_tokens", "top_k", "num_experts", "start", "prompt_len", "moe_layers",
                "routes", "topk_order"][int(rng.integers(8))]
         vals = [0, 1, 2, 3, 7, 255, 256, 65536, 2**31, -1, None, "x", [], [0, 0], {}, 1.5,

@@ -36,6 +36,7 @@ __all__ = [
     "HFRouteCapture",
     "MoEModelInfo",
     "ParallelConfig",
+    "attach_router_hooks",
     "RouterSite",
     "UnsupportedModelError",
     "capture_generate",
@@ -344,6 +345,31 @@ def find_moe_routers(model: nn.Module, *, probe: bool = True) -> MoEModelInfo:
                         step_module_path=step_path)
 
 
+def router_hook(site: RouterSite, index: int,
+                capture: Callable[[int, torch.Tensor], None]) -> Callable[..., None]:
+    """A forward hook for ``site.module`` that hands its chosen ids to ``capture(index, ids)``.
+
+    This is how every binding feeds a :class:`routecap.capturer.StepCapturer` (whose ``capture``
+    fits): one device copy per layer, no host sync, so it also records into a CUDA graph.
+    """
+    slot, K = site.index_slot, site.top_k
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        ids = output[slot] if isinstance(output, (tuple, list)) else output
+        if isinstance(ids, torch.Tensor) and ids.dim() > 2:
+            ids = ids.reshape(-1, K)  # a view: routers fed [B, S, H] may return [B, S, K]
+        capture(index, ids)
+
+    return hook
+
+
+def attach_router_hooks(info: MoEModelInfo, capture: Callable[[int, torch.Tensor], None]
+                        ) -> list[Any]:
+    """Hook every router of a model (:func:`find_moe_routers`); returns the handles to remove."""
+    return [s.module.register_forward_hook(router_hook(s, i, capture))
+            for i, s in enumerate(info.sites)]
+
+
 def moe_layers_from_config(config: Any) -> tuple[int, ...]:
     """The decoder layers that hold a router, for a transformers config (no weights needed).
 
@@ -484,18 +510,7 @@ class HFRouteCapture:
             self.capturer.abort_step()
 
     def _router_hook(self, index: int, site: RouterSite) -> Callable[..., None]:
-        capture = self.capturer.capture
-        slot = site.index_slot
-
-        K = site.top_k
-
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            ids = output[slot] if isinstance(output, (tuple, list)) else output
-            if isinstance(ids, torch.Tensor) and ids.dim() > 2:
-                ids = ids.reshape(-1, K)  # a view: routers fed [B, S, H] may return [B, S, K]
-            capture(index, ids)
-
-        return hook
+        return router_hook(site, index, self.capturer.capture)
 
     def _pre_step(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cap = self.capturer
