@@ -374,3 +374,16 @@ def test_collect_start_offset_without_store():
         part = cap.collect(sequences=seq, attention_mask=mask, eos_token_id=[], start=[2, 1])
     for f, p, s in zip(full, part, [2, 1]):
         assert p.equals(f.slice(s))
+
+
+def test_static_cache_generate_equals_dynamic_cache():
+    # a StaticCache keeps its length in a tensor: the capture reads it asynchronously
+    model = tiny_model("qwen3_moe", seed=2)
+    ids, mask = _prompts(lengths=(4, 2, 6))
+    dyn, seq_d = capture_generate(model, ids, mask, max_new_tokens=4, do_sample=False,
+                                  eos_token_id=[])
+    sta, seq_s = capture_generate(model, ids, mask, max_new_tokens=4, do_sample=False,
+                                  eos_token_id=[], cache_implementation="static")
+    assert torch.equal(seq_d, seq_s)
+    for a, b in zip(dyn, sta):
+        assert a.equals(b)

@@ -59,8 +59,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ep-model", default=None, help="load this folder with transformers EP")
     ap.add_argument("--max-new-tokens", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU a rank)")
     args = ap.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = "cpu"
+    if args.device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
     torch.manual_seed(args.seed + rank)
     TP = args.tp
     DP = world // TP
@@ -72,8 +78,8 @@ def main() -> None:
         dc = DistributedConfig(fsdp_size=world, ep_size=world, ep_implementation="all_to_all")
         model = AutoModelForCausalLM.from_pretrained(args.ep_model, distributed_config=dc).eval()
     else:
-        dist.init_process_group("gloo")
-        model = tiny_model("qwen3_moe", seed=args.seed)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        model = tiny_model("qwen3_moe", seed=args.seed).to(device)
     # every rank creates every group, in the same order
     tp_groups = [dist.new_group([d * TP + t for t in range(TP)]) for d in range(DP)]
     dp_groups = [dist.new_group([d * TP + t for d in range(DP)]) for t in range(TP)]
@@ -87,6 +93,7 @@ def main() -> None:
         ids, mask = left_pad([p for _, p in mine])
     else:
         ids, mask = torch.tensor([[3]]), torch.tensor([[1]])
+    ids, mask = ids.to(device), mask.to(device)
     with cap:
         traces, seq = capture_generate(
             model, ids, mask, capture=cap, request_ids=[r for r, _ in mine] or None,

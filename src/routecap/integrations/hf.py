@@ -389,7 +389,14 @@ def moe_layers_from_config(config: Any) -> tuple[int, ...]:
 class _StepTag:
     batch: int  # B
     seq: int  # S
-    offset: int  # KV cache length before the forward: column of s = 0
+    # KV cache length before the forward (the column of s = 0): an int, or a one-element host
+    # tensor the device fills asynchronously (static caches keep their length on the device)
+    offset_or_host: Any
+
+    @property
+    def offset(self) -> int:
+        # NOTE: read only when the step reaches the host, after its copy event completed
+        return int(self.offset_or_host)
 
 
 def _step_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
@@ -404,7 +411,8 @@ def _step_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
     return None
 
 
-def _cache_length(kwargs: dict) -> int:
+def _cache_length(kwargs: dict) -> Any:
+    """The cache's length before the forward: an int, or a host tensor filled asynchronously."""
     cache = kwargs.get("cache", None)
     if cache is None:
         cache = kwargs.get("past_key_values", None)
@@ -416,8 +424,16 @@ def _cache_length(kwargs: dict) -> int:
             f"routecap: cannot read the length of a {type(cache).__name__} cache; expected a "
             "transformers Cache with get_seq_length()"
         )
-    # NOTE: DynamicCache reads a tensor's shape and StaticCache a Python counter: no device sync.
-    return int(get())
+    n = get()
+    if isinstance(n, torch.Tensor):
+        # NOTE: a StaticCache keeps its length in a device tensor: copy it to the host without
+        # waiting; the step's copy event (recorded after this) says when it has arrived
+        if n.device.type == "cpu":
+            return n.clone()
+        host = torch.empty((), dtype=n.dtype, pin_memory=True)
+        host.copy_(n, non_blocking=True)
+        return host
+    return int(n)
 
 
 class HFRouteCapture:
@@ -524,7 +540,7 @@ class HFRouteCapture:
             )
         B, S = shape
         self.rows_computed += B * S
-        tag = _StepTag(batch=B, seq=S, offset=_cache_length(kwargs))
+        tag = _StepTag(batch=B, seq=S, offset_or_host=_cache_length(kwargs))
         if self.dispatch is None:
             cap.begin_step(B * S, tag=tag)
         else:
@@ -542,10 +558,11 @@ class HFRouteCapture:
         S = tag.seq
         ids = snap.expert_ids_NLK
         valid = snap.valid_NL
+        offset = tag.offset
         for b in range(tag.batch):
-            self.rows.write(b, tag.offset, ids[b * S:(b + 1) * S], valid[b * S:(b + 1) * S])
+            self.rows.write(b, offset, ids[b * S:(b + 1) * S], valid[b * S:(b + 1) * S])
             first = self._first_column.get(b)
-            self._first_column[b] = tag.offset if first is None else min(first, tag.offset)
+            self._first_column[b] = offset if first is None else min(first, offset)
 
     # ---- results ------------------------------------------------------------------------------
     def collect(
