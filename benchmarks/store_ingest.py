@@ -38,12 +38,18 @@ def bench_decode(rng, batch, steps):
     for r in range(batch):
         store.add_request(r, prompt_len=1)
     step = _step(rng, batch)
+    return _side_by_side(step, steps, lambda s: (
+        store.ingest, [(r, s, r, 1) for r in range(batch)]))
+
+
+def _side_by_side(step, steps, prepare):
+    """Per step: the store's ingest, then one np.copyto of the same bytes; times of each."""
     dst = np.empty_like(step)
     t_store, t_copy = [], []
     for s in range(steps):
-        segments = [(r, s, r, 1) for r in range(batch)]
+        ingest, segments = prepare(s)
         t0 = time.perf_counter()
-        store.ingest(step, None, segments)
+        ingest(step, None, segments)
         t1 = time.perf_counter()
         np.copyto(dst, step)
         t2 = time.perf_counter()
@@ -56,22 +62,15 @@ def bench_prefill(rng, reqs, chunk, steps):
     store = RouteStore(num_experts=E, moe_layers=range(L), top_k=K, block_size=BLOCK,
                        budget_bytes=4 << 30)
     step = _step(rng, reqs * chunk)
-    dst = np.empty_like(step)
-    t_store, t_copy = [], []
-    for s in range(steps):
+
+    def prepare(s):
         for r in range(reqs):
             if s:
                 store.free((s - 1, r))
             store.add_request((s, r), prompt_len=chunk)
-        segments = [((s, r), 0, r * chunk, chunk) for r in range(reqs)]
-        t0 = time.perf_counter()
-        store.ingest(step, None, segments)
-        t1 = time.perf_counter()
-        np.copyto(dst, step)
-        t2 = time.perf_counter()
-        t_store.append(t1 - t0)
-        t_copy.append(t2 - t1)
-    return step.nbytes, t_store, t_copy
+        return store.ingest, [((s, r), 0, r * chunk, chunk) for r in range(reqs)]
+
+    return _side_by_side(step, steps, prepare)
 
 
 def report(name, nbytes, t_store, t_copy):

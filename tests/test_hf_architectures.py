@@ -23,6 +23,7 @@ import pytest
 import torch
 import transformers
 from extra_architectures import CASES, CASES_BY_ID, ArchCase, build_model, tiny_model
+from test_hf import _prompts
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from routecap.builtin import init_weights_
@@ -50,18 +51,6 @@ def _params() -> list:
                                            reason=case.finding))
         out.append(pytest.param(case, id=case.id, marks=marks))
     return out
-
-
-def _left_padded_prompts(lengths=PROMPT_LENGTHS, vocab=300, seed=0):
-    """ids_BW, mask_BW: random tokens in [3, vocab), left-padded with 0."""
-    g = torch.Generator().manual_seed(seed)
-    W = max(lengths)
-    ids_BW = torch.zeros(len(lengths), W, dtype=torch.long)
-    mask_BW = torch.zeros(len(lengths), W, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids_BW[b, W - n:] = torch.randint(3, vocab, (n,), generator=g)
-        mask_BW[b, W - n:] = 1
-    return ids_BW, mask_BW
 
 
 def _architecture_names(model) -> set[str]:
@@ -93,7 +82,7 @@ def _check_works(case: ArchCase, model) -> None:
     info = find_moe_routers(model)
     assert info.moe_layers == case.moe_layers, (
         f"routers found in layers {info.moe_layers}, the config puts them in {case.moe_layers}")
-    ids_BW, mask_BW = _left_padded_prompts()
+    ids_BW, mask_BW = _prompts(lengths=PROMPT_LENGTHS)
     traces, seq_BX = capture_generate(model, ids_BW, mask_BW, max_new_tokens=MAX_NEW,
                                       do_sample=False, eos_token_id=[], pad_token_id=0)
     W = ids_BW.shape[1]

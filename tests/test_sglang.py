@@ -7,6 +7,8 @@ import base64
 import numpy as np
 import pytest
 
+from fuzzing import mutate
+
 from routecap.integrations.sglang import from_sglang, to_sglang
 
 
@@ -57,15 +59,7 @@ def test_fuzz_decoder_only_clean_errors():
     rng = np.random.default_rng(11)
     ok = 0
     for _ in range(50_000):
-        b = bytearray(raw)
-        for _ in range(int(rng.integers(1, 4))):
-            op = rng.integers(3)
-            if op == 0 and b:
-                b[int(rng.integers(len(b)))] = int(rng.integers(256))
-            elif op == 1:
-                b = b[:int(rng.integers(len(b) + 1))]
-            else:
-                b += bytes(rng.integers(0, 256, int(rng.integers(1, 9)), dtype=np.uint8))
+        b = mutate(rng, raw)
         s = base64.b64encode(bytes(b)).decode()
         if rng.random() < 0.1:
             s = s[:int(rng.integers(len(s) + 1))]  # broken base64 too

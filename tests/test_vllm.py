@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from fuzzing import mutate
+
 from routecap.integrations import vllm as rv
 from routecap.layout import LayoutError
 
@@ -197,16 +199,7 @@ def test_fuzz_b64npy_decoder_only_clean_errors():
         seeds.append(buf.getvalue())
     ok = 0
     for i in range(50_000):
-        b = bytearray(seeds[i % 2])
-        for _ in range(int(rng.integers(1, 4))):
-            op = rng.integers(3)
-            if op == 0 and b:
-                b[int(rng.integers(len(b)))] = int(rng.integers(256))
-            elif op == 1:
-                b = b[:int(rng.integers(len(b) + 1))]
-            else:
-                i0 = int(rng.integers(len(b) + 1))
-                b = b[:i0] + bytes(rng.integers(0, 256, 4, dtype=np.uint8)) + b[i0:]
+        b = mutate(rng, seeds[i % 2])
         s = base64.b64encode(bytes(b)).decode()
         try:
             rv.from_vllm_b64npy(s, moe_layers=[1, 2, 4], num_experts=32, request_id="r",
@@ -215,3 +208,20 @@ def test_fuzz_b64npy_decoder_only_clean_errors():
         except ValueError:
             pass
     assert ok > 0
+
+
+def test_from_request_output_uses_the_model_config():
+    from tiny_models import tiny_config
+
+    cfg = tiny_config("deepseek_v3")  # 3 layers, layer 0 dense, 16 experts, top-4
+    arr = vllm_array(T=5, A=3, K=4, E=16, moe=(1, 2))
+    out = types.SimpleNamespace(
+        request_id="req", prompt_token_ids=[5, 6, 7],
+        outputs=[types.SimpleNamespace(index=0, token_ids=[8, 9, 10], routed_experts=arr)])
+    (t,) = rv.from_request_output(out, cfg)
+    assert t.moe_layers == (1, 2) and t.num_experts == 16 and t.prompt_len == 3
+    assert t.token_ids.tolist() == [5, 6, 7, 8, 9]  # the last generated token never ran
+    assert rv.to_vllm(t).tobytes() == arr.tobytes()
+    out.outputs[0].routed_experts = None
+    with pytest.raises(ValueError, match="no routed_experts"):
+        rv.from_request_output(out, cfg)

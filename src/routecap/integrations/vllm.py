@@ -40,6 +40,7 @@ __all__ = [
     "PLUGIN_STATUS",
     "RoutecapVLLMError",
     "from_vllm",
+    "from_request_output",
     "from_vllm_b64npy",
     "plugin_status",
     "register",
@@ -236,6 +237,43 @@ def from_vllm(routed_experts: np.ndarray, *, moe_layers: Sequence[int], num_expe
                                  request_id=request_id, prompt_len=prompt_len, start=start,
                                  model=model, missing=missing if missing.any() else None,
                                  token_ids=tok, extra=extra)
+
+
+def from_request_output(request_output: Any, config: Any, *, model: str = "",
+                        num_experts: int | None = None) -> list[RoutingTrace]:
+    """One trace per completion of a vLLM ``RequestOutput`` (``LLM.generate`` with
+    ``enable_return_routed_experts=True``), dense layers dropped using the model's config.
+
+    ``config``: the model's transformers config (``llm.llm_engine.model_config.hf_config``, or
+    ``AutoConfig.from_pretrained(path)``). Token ids travel with the trace: the prompt plus the
+    generated tokens but the last, whose forward never ran.
+    """
+    from .hf import moe_layers_from_config
+
+    layers = moe_layers_from_config(config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    E = num_experts or next((getattr(text, k) for k in ("num_experts", "n_routed_experts",
+                                                        "num_local_experts")
+                             if getattr(text, k, None)), None)
+    if not E:
+        raise ValueError("from_request_output: cannot tell the number of experts from the config;"
+                         " pass num_experts")
+    prompt = list(request_output.prompt_token_ids or [])
+    traces = []
+    for c in request_output.outputs:
+        arr = getattr(c, "routed_experts", None)
+        if arr is None:
+            raise ValueError(
+                f"request {request_output.request_id!r}, completion {c.index}: no routed_experts "
+                "(start vLLM with enable_return_routed_experts=True; vLLM returns none for "
+                "streamed chunks before the last and for stop-string finishes)")
+        tokens = (prompt + list(c.token_ids))[:arr.shape[0]]
+        rid = str(request_output.request_id) + (f"/{c.index}" if len(request_output.outputs) > 1
+                                                 else "")
+        traces.append(from_vllm(np.asarray(arr), moe_layers=layers, num_experts=int(E),
+                                request_id=rid, prompt_len=len(prompt), model=model,
+                                token_ids=tokens if len(tokens) == arr.shape[0] else None))
+    return traces
 
 
 def to_vllm(trace: RoutingTrace, *, num_layers: int | None = None,
