@@ -22,10 +22,12 @@ def test_docstring_examples(name):
 
 def test_readme_python_example(tmp_path):
     text = (ROOT / "README.md").read_text()
-    (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        exec(compile(code, "README.md", "exec"), {})
+        for code in blocks:
+            exec(compile(code, "README.md", "exec"), {})
     finally:
         os.chdir(cwd)
