@@ -266,3 +266,24 @@ def test_index_listing_a_missing_shard(tmp_path):
     (tmp_path / "traces-00000.safetensors").unlink()
     with pytest.raises(TraceFileError, match="lists shard traces-00000.safetensors, which is missing"):
         open_traces(tmp_path)
+
+
+def test_fuzz_file_reader_only_clean_errors(tmp_path):
+    """20,000 mutated trace files: valid traces or TraceFileError, nothing else."""
+    from fuzzing import mutate
+
+    good = tmp_path / "good.safetensors"
+    save_file(traces_for(16), good)
+    data = good.read_bytes()
+    rng = np.random.default_rng(3)
+    p = tmp_path / "f.safetensors"
+    ok = 0
+    for _ in range(20_000):
+        p.write_bytes(mutate(rng, data))
+        try:
+            for t in load_file(p):
+                validate_trace(t)
+            ok += 1
+        except TraceFileError:
+            pass
+    assert ok < 20_000
