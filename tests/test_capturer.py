@@ -239,3 +239,45 @@ def test_view_must_agree_with_step_tokens():
     cap, _ = capturer()
     with pytest.raises(CaptureError, match="num_tokens=3 but the view gives this rank 2"):
         cap.begin_step(3, view=RankView(tokens_per_dp=[2, 5], dp_rank=0))
+
+
+# ---- graph-mode publish (graph_step records device work; on CPU it simply runs it) -----------
+def test_publish_rows_past_the_graph_are_missing_never_stale():
+    cap, sink = capturer(L=1, max_tokens=8)
+    cap.begin_step(4)
+    cap.capture(0, ids([1, 2], [3, 4], [5, 6], [7, 0]))
+    cap.end_step()
+    with cap.graph_step(2):
+        cap.capture(0, ids([2, 1], [4, 3]))
+    cap.publish(4, tag="replay")
+    _, got, valid, tag = sink.steps[-1]
+    assert tag == "replay" and got[:2, 0].tolist() == [[2, 1], [4, 3]]
+    assert valid[:, 0].tolist() == [True, True, False, False]  # not the old step's rows 2-3
+
+
+def test_publish_checks_its_argument_and_needs_a_graph():
+    cap, _ = capturer(L=1)
+    with pytest.raises(CaptureError, match="without a captured graph_step"):
+        cap.publish(1)
+    with cap.graph_step(2):
+        cap.capture(0, ids([2, 1], [4, 3]))
+    for bad in (-1, 99, 1.5):
+        with pytest.raises(CaptureError, match="expected 0 <= num_tokens <= 4"):
+            cap.publish(bad)
+
+
+def test_no_growth_once_a_graph_was_captured():
+    cap, _ = capturer(L=1, max_tokens=2)
+    with cap.graph_step(2):
+        cap.capture(0, ids([2, 1], [4, 3]))
+    with pytest.raises(CaptureError, match="a CUDA graph records the buffer's address"):
+        cap.begin_step(3)
+
+
+def test_huge_ids_do_not_wrap_into_range():
+    cap, sink = capturer(L=1, strict=False)
+    cap.begin_step(1)
+    cap.capture(0, torch.tensor([[2**32 + 3, 1]]))
+    with pytest.warns(RuntimeWarning, match="outside"):
+        cap.end_step()
+    assert sink.steps[0][2].tolist() == [[False]]

@@ -148,7 +148,7 @@ def test_lying_headers(blob):
     h, rest = _header_and_rest(blob)
     for change, text in [
         (lambda h: h.update(num_tokens=10**9), "refusing 1000000000 x 3 x 4 ids"),
-        (lambda h: h.update(num_tokens=100), "corrupt missing mask: 12 bytes, expected 38"),
+        (lambda h: h.update(num_tokens=100), "corrupt section 'missing': 12 bytes, expected 38"),
         (lambda h: h["routes"].update(mode="set"), "set mode for a trace whose rows are not sorted"),
         (lambda h: h["routes"].update(widths=[3, 3]), "field widths"),
         (lambda h: h["routes"]["blocks"].pop(), "need 4 blocks"),
@@ -265,3 +265,44 @@ def test_fuzz_decoder_only_clean_errors():
 def test_fuzz_random_bytes(data):
     with pytest.raises(CodecError):
         decode(b"RCAP" + data)
+
+
+def test_sorted_trace_in_order_mode_must_have_identity_orders():
+    t = make(2, 1, 2, 8, tokens=False).with_sorted_topk()
+    blob = encode(t, mode="order", fallback=False)
+    h, rest = _header_and_rest(blob)
+    assert h["routes"]["blocks"][0][1] == "none"
+    # set the order code of row 0 to 1 (a non-identity order); fix the block's CRC
+    n = h["routes"]["blocks"][0][0]
+    b = bytearray(rest[:n])
+    w_set = h["routes"]["widths"][0]
+    b[w_set // 8] |= 1 << (w_set % 8)
+    h["routes"]["blocks"][0][2] = zlib.crc32(bytes(b))
+    with pytest.raises(CodecError, match="row 0 .* is not a valid route"):
+        decode(_with_header(h, bytes(b) + rest[n:]))
+
+
+def test_set_mode_with_large_k():
+    t = make(3, 2, 21, 32, tokens=False).with_sorted_topk()
+    assert decode(encode(t)).equals(t)
+
+
+def test_small_sections_are_sized_by_the_trace_before_decompression():
+    t = make(400, 3, 4, 16, tokens=False)
+    miss = np.zeros((400, 3), bool)
+    miss[:300] = True  # a compressible mask: stored with zstd
+    t = RoutingTrace.from_ids(t.expert_ids, num_experts=16, moe_layers=[1, 2, 3],
+                              request_id="m", prompt_len=1, missing=miss)
+    h, rest = _header_and_rest(encode(t))
+    sec = next(s for s in h["sections"] if s["name"] == "missing")
+    assert sec["codec"] == "zstd"
+    sec["raw_bytes"] = 1 << 30  # a lie: a gigabyte
+    with pytest.raises(CodecError, match="declares 1073741824 bytes, the trace's shape needs"):
+        decode(_with_header(h, rest))
+
+
+def test_float_field_widths_are_refused(blob):
+    h, rest = _header_and_rest(blob)
+    h["routes"]["widths"] = [float(w) for w in h["routes"]["widths"]]
+    with pytest.raises(CodecError, match="field widths"):
+        decode(_with_header(h, rest))

@@ -387,3 +387,38 @@ def test_static_cache_generate_equals_dynamic_cache():
     assert torch.equal(seq_d, seq_s)
     for a, b in zip(dyn, sta):
         assert a.equals(b)
+
+
+def test_eos_from_generation_config_and_stop_strings():
+    from transformers import GenerationConfig
+
+    model, tok = load_builtin("tiny-qwen3-moe")
+    enc = tok(["hello world", "abc"], return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                              do_sample=False, eos_token_id=[])
+    eos = int(free[0, ids.shape[1] + 1])  # row 0's 2nd generated token ends it
+    gc = GenerationConfig(eos_token_id=eos, pad_token_id=0, max_new_tokens=8, do_sample=False)
+    traces, seq = capture_generate(model, ids, mask, generation_config=gc)
+    P0 = int(mask[0].sum())
+    gen0 = seq[0, ids.shape[1]:].tolist()
+    assert traces[0].num_tokens == P0 + gen0.index(eos) + 1 - 1
+    # custom stopping (as stop strings): the stopped row is fed padding afterwards, which must
+    # not count; generate does not report the stop, its padding does
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    W = ids.shape[1]
+
+    class StopRow1After3(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            done[1] = input_ids.shape[1] >= W + 3
+            return done
+
+    traces, seq = capture_generate(model, ids, mask, max_new_tokens=8, do_sample=False,
+                                   eos_token_id=[], pad_token_id=0,
+                                   stopping_criteria=StoppingCriteriaList([StopRow1After3()]))
+    assert seq[1, W + 3:].tolist() == [0] * (seq.shape[1] - W - 3)
+    assert traces[1].num_tokens == int(mask[1].sum()) + 3 - 1
+    assert traces[0].num_tokens == int(mask[0].sum()) + 8 - 1

@@ -22,7 +22,7 @@ def firsts(trace):
 
 
 def store(**kw):
-    args = dict(num_experts=64, moe_layers=[0], top_k=2, block_size=P, model="m")
+    args = dict(num_experts=128, moe_layers=[0], top_k=2, block_size=P, model="m")
     args.update(kw)
     return RouteStore(**args)
 
@@ -251,3 +251,51 @@ def test_simulator_exercises_every_event():
 def test_simulator_through_the_capturer_gathered_layout(seed):
     st = simulate(seed, 1_500, ranks=3, via_capturer=True)
     assert st.wrong_cells == 0 and st.missing_cells == 0 and st.finished > 0
+
+
+def test_publish_keeps_the_more_complete_copy():
+    # a's block 0 loses position 0 to an eviction, then a publishes it; b computed the same
+    # prefix in full: publishing b must not replace b's complete block by a's lossy one
+    s = store(budget_bytes=2 * store().block_bytes)
+    s.add_request("a", prompt_len=2)
+    s.write("a", 0, rows(1))
+    s.add_request("x", prompt_len=8)
+    s.write("x", 0, rows(*range(10, 18)))  # needs both blocks: a's block 0 is evicted
+    s.free("x")
+    s.write("a", 1, rows(2, 3, 4))         # rebuilt: position 0 lost
+    s.publish("a", ["h0"])
+    s.add_request("b", prompt_len=4)
+    s.write("b", 0, rows(1, 2, 3, 4))
+    s.publish("b", ["h0"])
+    assert firsts(s.take("b")) == [1, 2, 3, 4]
+    assert firsts(s.take("a")) == [-1, 2, 3, 4]
+    s.add_request("c", prompt_len=5, num_cached_tokens=4, block_hashes=["h0"])
+    assert firsts(s.take("c")) == [1, 2, 3, 4]  # later hits get the complete copy
+
+
+def test_truncate_forgets_lost_marks_and_coverage_checks_start():
+    s = store(budget_bytes=2 * store().block_bytes)
+    s.add_request("a", prompt_len=2)
+    s.write("a", 0, rows(1))
+    s.add_request("x", prompt_len=8)
+    s.write("x", 0, rows(*range(10, 18)))
+    s.free("x")
+    s.write("a", 1, rows(2, 3))  # position 0 lost
+    s.truncate("a", 1)
+    s.write("a", 1, rows(5, 6), np.array([[False], [False]]))
+    assert s.coverage("a").tolist() == [EVICTED, NOT_WRITTEN, NOT_WRITTEN]
+    with pytest.raises(StoreError, match="expected 0 <= start <= end"):
+        s.coverage("a", -2)
+
+
+def test_bad_hash_and_bad_ids_change_nothing():
+    s = store()
+    s.add_request("a", prompt_len=4)
+    s.write("a", 0, rows(1, 2, 3, 4))
+    s.publish("a", ["h0"])
+    with pytest.raises(StoreError, match="block hashes must be hashable"):
+        s.add_request("b", prompt_len=4, num_cached_tokens=4, block_hashes=[["not", "hashable"]])
+    assert "b" not in s
+    with pytest.raises(StoreError, match="expected expert ids in \\[0, 128\\), got 201"):
+        s.write("a", 4, rows(200))
+    assert s.length("a") == 4 and firsts(s.take("a")) == [1, 2, 3, 4]

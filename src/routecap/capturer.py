@@ -163,6 +163,8 @@ class StepCapturer:
         self._step_no = 0
         self._step: _Step | None = None
         self._graph_steps = 0  # graph_step() contexts open (no growth, no publish inside)
+        self._graphed = False  # a graph was captured: the buffers must never move again
+        self._graph_publish = True
         self._allocate(spec.max_tokens)
 
     # ---- buffers --------------------------------------------------------------------------------
@@ -170,16 +172,13 @@ class StepCapturer:
         L, K = self.spec.num_layers, self.spec.top_k
         dev = self.device
         self.capacity = capacity
-        self._ids_NLK = torch.zeros(capacity, L, K, dtype=torch.int32, device=dev)
+        # int64, as routers return: any id, however large, is range-checked before narrowing
+        self._ids_NLK = torch.zeros(capacity, L, K, dtype=torch.int64, device=dev)
         self._rows_L = torch.zeros(L, dtype=torch.int32, device=dev)
         self._row_index_N = torch.arange(capacity, dtype=torch.int32, device=dev)
         self._narrow_NLK = torch.zeros(capacity, L, K, dtype=self._narrow, device=dev)
         # Cell state of the step: 0 not written this step, 1 valid, 2 written with ids out of range.
         self._state_NL = torch.zeros(capacity, L, dtype=torch.uint8, device=dev)
-        # What the host copies: the narrow rows and states of this rank's tokens (after a TP gather
-        # these differ from the buffers above, else they alias them).
-        self._out_ids_NLK = self._narrow_NLK
-        self._out_state_NL = self._state_NL
         self._host_ids: list[torch.Tensor] = []
         self._host_state: list[torch.Tensor] = []
         if self._cuda:
@@ -189,10 +188,12 @@ class StepCapturer:
                                 for _ in range(self._num_slots)]
 
     def _grow(self, n: int) -> None:
-        if not self.growable or self._graph_steps:
+        if not self.growable or self._graph_steps or self._graphed:
+            why = ("a CUDA graph records the buffer's address" if self._graphed or
+                   self._graph_steps else "growable=False")
             raise CaptureError(
                 f"step of {n} tokens exceeds the capture buffer of {self.capacity} rows and the "
-                "buffer cannot grow (CUDA-graph mode); raise CaptureSpec.max_tokens"
+                f"buffer cannot grow ({why}); raise CaptureSpec.max_tokens"
             )
         # NOTE: in-flight copies read from the old buffers; wait for them before reallocating.
         self.drain()
@@ -316,23 +317,24 @@ class StepCapturer:
         torch.add(written_NL.to(torch.uint8), bad_NL.to(torch.uint8), out=state)
         state.mul_(written_NL)
         self._narrow_NLK[:rows].copy_(ids)
-        if step.gather is None:
-            self._out_ids_NLK, self._out_state_NL = self._narrow_NLK, self._state_NL
-            return
-        plan = step.gather
-        S = plan.gather_rows
-        # every TP rank contributes S rows (its chunk, then whatever is below it: trimmed after)
-        ids_all = rcdist.all_gather_equal(self._narrow_NLK[:S], self.tp_group)
-        state_all = rcdist.all_gather_equal(self._state_NL[:S], self.tp_group)
-        out_ids = torch.empty_like(self._narrow_NLK)
-        out_state = torch.zeros_like(self._state_NL)
-        dst = 0
-        for t, chunk in enumerate(plan.tp_chunks):
-            if chunk:
-                out_ids[dst:dst + chunk].copy_(ids_all[t * S:t * S + chunk])
-                out_state[dst:dst + chunk].copy_(state_all[t * S:t * S + chunk])
-            dst += chunk
-        self._out_ids_NLK, self._out_state_NL = out_ids, out_state
+        if step.gather is not None:
+            plan = step.gather
+            S = plan.gather_rows
+            # every TP rank contributes S rows (its chunk, then whatever is below it: trimmed);
+            # the trimmed rows go back into the same static buffers, so eager steps and every
+            # graph publish from one place
+            ids_all = rcdist.all_gather_equal(self._narrow_NLK[:S], self.tp_group)
+            state_all = rcdist.all_gather_equal(self._state_NL[:S], self.tp_group)
+            dst = 0
+            for t, chunk in enumerate(plan.tp_chunks):
+                if chunk:
+                    self._narrow_NLK[dst:dst + chunk].copy_(ids_all[t * S:t * S + chunk])
+                    self._state_NL[dst:dst + chunk].copy_(state_all[t * S:t * S + chunk])
+                dst += chunk
+            rows = dst
+        if self._graph_steps:
+            # a replay publishes up to its own rows; any row past them reads as never written
+            self._state_NL[rows:].zero_()
 
     def end_step(self) -> None:
         """Close the step: narrow, mark valid cells and start the copy to the host (no sync)."""
@@ -374,29 +376,36 @@ class StepCapturer:
                 raise CaptureError("graph_step: the step was closed inside the graph")
             self._finish_device(step)
             self._graph_publish = step.publish
+            self._graphed = True
         finally:
             self._graph_steps -= 1
 
     def publish(self, num_tokens: int, tag: Any = None) -> None:
-        """After a graph replay: hand the first ``num_tokens`` rows of the replayed step to the host."""
-        if num_tokens > self.capacity:
-            raise CaptureError(f"publish({num_tokens}): more rows than the buffer ({self.capacity})")
+        """After a graph replay: hand the first ``num_tokens`` rows of the replayed step to the host.
+
+        Rows past the replayed graph's own size come out missing (the graph clears their state).
+        """
+        if not self._graphed:
+            raise CaptureError("publish() without a captured graph_step(); use end_step()")
+        if not isinstance(num_tokens, int) or not 0 <= num_tokens <= self.capacity:
+            raise CaptureError(f"publish: expected 0 <= num_tokens <= {self.capacity}, got "
+                               f"{num_tokens!r}")
         step_no, self._step_no = self._step_no, self._step_no + 1
-        if getattr(self, "_graph_publish", True):
+        if self._graph_publish:
             self._copy_out(step_no, num_tokens, tag)
 
     # ---- host side --------------------------------------------------------------------------------
     def _copy_out(self, step_no: int, n: int, tag: Any) -> None:
         if not self._cuda:
-            self._deliver(step_no, tag, self._out_ids_NLK[:n].numpy(),
-                          self._out_state_NL[:n].numpy())
+            self._deliver(step_no, tag, self._narrow_NLK[:n].numpy(),
+                          self._state_NL[:n].numpy())
             return
         if not self._free_slots:
             # NOTE: backpressure: every pinned slot is in flight, so wait for the oldest copy.
             self._consume(block=True, limit=1)
         slot = self._free_slots.popleft()
-        self._host_ids[slot][:n].copy_(self._out_ids_NLK[:n], non_blocking=True)
-        self._host_state[slot][:n].copy_(self._out_state_NL[:n], non_blocking=True)
+        self._host_ids[slot][:n].copy_(self._narrow_NLK[:n], non_blocking=True)
+        self._host_state[slot][:n].copy_(self._state_NL[:n], non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self._pending.append(_Pending(step=step_no, num_tokens=n, tag=tag, slot=slot, event=event))

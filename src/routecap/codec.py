@@ -134,6 +134,12 @@ def _perm_table(K: int) -> np.ndarray:
     return out
 
 
+def _factorials(K: int) -> np.ndarray:
+    """``i!`` for i <= K as uint64; past 20! (which no longer fits) zeros: only order mode uses
+    them, and it never runs with K > 18 (the order code would not fit a field)."""
+    return np.array([math.factorial(i) if i <= 20 else 0 for i in range(K + 1)], np.uint64)
+
+
 def _token_bytes(L: int, widths: list[int]) -> int:
     return -(-L * sum(widths) // 8)
 
@@ -229,6 +235,8 @@ def _decode_block_np(buf: np.ndarray, mode: str, widths: list[int], T: int, L: i
             ok = ranks < np.uint64(math.comb(E, K))
             if perms is not None:
                 ok &= perms < np.uint64(math.factorial(K))
+                if sorted_rows:  # a trace whose rows are sorted has only the identity order
+                    ok &= perms == 0
             ok |= ~live
             good = ok & live
             ids = np.zeros((N, K), np.int64)
@@ -396,7 +404,8 @@ if _HAVE_NUMBA:
                 else:
                     x = _read(buf, bit, widths[0])
                     perm = _read(buf, bit + widths[0], widths[1]) if mode == 1 else np.uint64(0)
-                    if x >= full or perm >= kfact:
+                    # a trace whose rows are sorted has only the identity order (perm 0)
+                    if x >= full or (mode == 1 and (perm >= kfact or (sorted_rows and perm != 0))):
                         ok = False
                     else:
                         for i in range(K, 0, -1):
@@ -445,7 +454,7 @@ def _fields(rows_NK: np.ndarray, mode: str, E: int, K: int) -> np.ndarray:
         N = rows_NK.shape[0]
         ranks = np.empty(N, np.uint64)
         perms = np.zeros(N, np.uint64)
-        fact = np.array([math.factorial(i) for i in range(K + 1)], np.uint64)
+        fact = _factorials(K)
         _rank_nb(np.ascontiguousarray(rows_NK), comb, order, fact, ranks, perms)
     else:
         ranks, perms = _rank_np(rows_NK, comb, order)
@@ -617,7 +626,8 @@ def _parse(data: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
     if not isinstance(secs, list) or not 1 <= len(secs) <= 3:
         raise _fail("corrupt header: 'sections' should be a list of 1 to 3")
     pos = 10 + H
-    out: dict[str, bytes] = {}
+    out: dict[str, Any] = {}
+    meta: dict[str, dict[str, Any]] = {}
     for s in secs:
         if not isinstance(s, dict) or s.get("name") not in ("routes", "missing", "tokens") \
                 or s.get("name") in out:
@@ -626,7 +636,7 @@ def _parse(data: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
         if pos + n > len(data):
             raise _fail(f"truncated: section {s['name']!r} needs {n} bytes at {pos}, the data "
                         f"has {len(data)}")
-        stored = data[pos:pos + n]
+        stored = memoryview(data)[pos:pos + n]  # no copy of the (large) routes section
         pos += n
         codec = s.get("codec")
         if s["name"] == "routes":
@@ -636,8 +646,9 @@ def _parse(data: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
             if zlib.crc32(stored) & 0xFFFFFFFF != s.get("crc32"):
                 raise _fail(f"corrupt data: checksum mismatch in section {s['name']!r}")
         elif codec == "zstd":
-            stored = _unzstd(f"section {s['name']!r}", stored,
-                             _int(s, "raw_bytes", 0, 4 * _MAX_IDS))
+            # decompressed later, by decode(), to the size the trace's shape dictates
+            _int(s, "raw_bytes", 0, 4 * _MAX_IDS)
+            meta[s["name"]] = s
         else:
             raise _fail(f"corrupt header: section codec {codec!r}")
         out[s["name"]] = stored
@@ -645,12 +656,29 @@ def _parse(data: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
         raise _fail(f"{len(data) - pos} unexpected bytes after the last section")
     if "routes" not in out:
         raise _fail("no 'routes' section")
+    h["_zstd_sections"] = meta
     return h, out
+
+
+def _section(h: dict[str, Any], secs: dict[str, Any], name: str, size: int) -> bytes | None:
+    """A small section's bytes, which must be exactly ``size`` long (zstd: declared so first)."""
+    if name not in secs:
+        return None
+    z = h["_zstd_sections"].get(name)
+    if z is not None:
+        if z["raw_bytes"] != size:
+            raise _fail(f"corrupt section {name!r}: it declares {z['raw_bytes']} bytes, the "
+                        f"trace's shape needs {size}")
+        return _unzstd(f"section {name!r}", secs[name], size)
+    if len(secs[name]) != size:
+        raise _fail(f"corrupt section {name!r}: {len(secs[name])} bytes, expected {size}")
+    return secs[name]
 
 
 def inspect(data: bytes) -> dict[str, Any]:
     """The header of an encoding (mode, sizes, metadata), after checking its structure."""
     h, _ = _parse(data)
+    h.pop("_zstd_sections", None)
     return h
 
 
@@ -668,17 +696,14 @@ def decode(data: bytes) -> RoutingTrace:
     if T * L * K > _MAX_IDS:
         raise _fail(f"refusing {T} x {L} x {K} ids (more than {_MAX_IDS})")
     missing = None
-    if "missing" in secs:
-        need = (T * L + 7) // 8
-        if len(secs["missing"]) != need:
-            raise _fail(f"corrupt missing mask: {len(secs['missing'])} bytes, expected {need}")
-        missing = np.unpackbits(np.frombuffer(secs["missing"], np.uint8),
+    raw = _section(h, secs, "missing", (T * L + 7) // 8)
+    if raw is not None:
+        missing = np.unpackbits(np.frombuffer(raw, np.uint8),
                                 bitorder="little")[:T * L].astype(bool).reshape(T, L)
     tokens = None
-    if "tokens" in secs:
-        if len(secs["tokens"]) != 4 * T:
-            raise _fail(f"corrupt token ids: {len(secs['tokens'])} bytes for {T} tokens")
-        tokens = np.frombuffer(secs["tokens"], "<i4").astype(np.int32)
+    raw = _section(h, secs, "tokens", 4 * T)
+    if raw is not None:
+        tokens = np.frombuffer(raw, "<i4").astype(np.int32)
     order = h.get("topk_order")
     r = h.get("routes")
     if not isinstance(r, dict):
@@ -732,7 +757,8 @@ def _decode_routes(buf: bytes, r: dict[str, Any], T: int, L: int, E: int, K: int
     else:
         if mode != "ids" and not _mode_fits(mode, E, K):
             raise _fail(f"mode {mode!r} cannot encode E={E}, K={K}")
-        if widths != _widths(mode, E, K):
+        if not (isinstance(widths, list) and all(type(w) is int for w in widths)) or \
+                widths != _widths(mode, E, K):
             raise _fail(f"field widths {str(widths)[:80]} are not those of mode {mode!r} at "
                         f"E={E}, K={K}")
     bt = _int(r, "block_tokens", 1, _MAX_IDS)
@@ -777,8 +803,7 @@ def _decode_routes(buf: bytes, r: dict[str, Any], T: int, L: int, E: int, K: int
     else:  # no ranks: the combinatorial tables are neither needed nor always representable
         comb = np.zeros((K + 1, 2), np.uint64)
         lut, shifts = np.zeros((K + 1, 1), np.uint8), np.zeros(K + 1, np.int64)
-    fact = np.array([math.factorial(i) for i in range(min(K, 20) + 1)] + [0] * max(0, K - 20),
-                    np.uint64)
+    fact = _factorials(K)
     ptab = _perm_table(K) if mode == "order" else np.zeros(0, np.uint64)
     w_arr = np.asarray(widths, np.int64)
 

@@ -292,6 +292,10 @@ class RouteStore:
         if len(hashes) < n // P:
             raise StoreError(f"{request!r}: {n} cached tokens need {n // P} block hashes, got "
                              f"{len(hashes)}")
+        for h in hashes[:n // P]:
+            if not isinstance(h, Hashable):
+                raise StoreError(f"{request!r}: block hashes must be hashable, got "
+                                 f"{type(h).__name__}")
 
     def _attach(self, req: _Request, n: int, hashes: Sequence[Hashable]) -> int:
         P = self.block_size
@@ -319,6 +323,12 @@ class RouteStore:
                                      or valid_TL.dtype != np.bool_):
             raise StoreError(f"{where}: expected a bool valid mask of shape {ids_TLK.shape[:2]}, "
                              f"got {valid_TL.dtype} {valid_TL.shape}")
+        if ids_TLK.size and self.num_experts < (1 << (8 * self.dtype.itemsize)):
+            hi = ids_TLK.max() if valid_TL is None else (
+                ids_TLK[valid_TL].max() if valid_TL.any() else 0)
+            if hi >= self.num_experts:
+                raise StoreError(f"{where}: expected expert ids in [0, {self.num_experts}), got "
+                                 f"{int(hi)}")
 
     @staticmethod
     def _check_start(request: Hashable, length: int, start: int, where: str) -> None:
@@ -449,11 +459,19 @@ class RouteStore:
             b = entry[0]
             other = self._by_hash.get(h)
             if other is not None and other != b:
-                # deduplicate: link to the block already published under this hash
-                self._ref(other)
-                req.table[j] = (other, int(self._gen[other]))
-                self._unref(entry)
-            elif other is None:
+                if not (self._valid[b] & ~self._valid[other]).any():
+                    # deduplicate: link to the block already published under this hash
+                    self._ref(other)
+                    req.table[j] = (other, int(self._gen[other]))
+                    self._unref(entry)
+                    continue
+                # the published copy lost cells (an eviction) that this one has: publish ours
+                # instead; the old one stays with the requests that hold it
+                del self._hash[other]
+                if self._refs[other] == 0:
+                    self._release_storage(other)
+                other = None
+            if other is None and b not in self._hash:
                 self._hash[b] = h
                 self._by_hash[h] = b
         req.published = max(req.published, full)
@@ -473,6 +491,7 @@ class RouteStore:
         if o and j < len(req.table) and self._alive(req.table[j]):
             b = self._writable(req, j)  # the partial block: drop its rows from `length` on
             self._valid[b, o:] = False
+            self._lost[b, o:] = False
         req.length = length
         req.published = min(req.published, length // P)
 
@@ -492,8 +511,11 @@ class RouteStore:
         """Per position: :data:`PRESENT`, :data:`EVICTED` or :data:`NOT_WRITTEN` (int8)."""
         req = self._get(request)
         end = req.length if end is None else end
+        if not 0 <= start <= end:
+            raise StoreError(f"coverage({request!r}): expected 0 <= start <= end, got {start}, "
+                             f"{end}")
         P = self.block_size
-        out = np.full(max(0, end - start), NOT_WRITTEN, np.int8)
+        out = np.full(end - start, NOT_WRITTEN, np.int8)
         for pos in range(start, min(end, req.length)):
             j, o = divmod(pos, P)
             entry = req.table[j] if j < len(req.table) else None

@@ -865,6 +865,28 @@ def _generated_lengths(gen: np.ndarray, eos: int | Sequence[int] | None) -> list
     return out
 
 
+def _stops(model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
+           kwargs: dict[str, Any]) -> list[int]:
+    """Tokens each row generated, up to and including what stopped it.
+
+    The EOS ids come from the call, its ``generation_config``, or the model's; with stop strings
+    or custom stopping criteria (whose hits ``generate`` does not report) a row's end is where its
+    trailing padding starts: ``generate`` feeds finished rows the pad token.
+    """
+    gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    eos = kwargs.get("eos_token_id", getattr(gc, "eos_token_id", None))
+    pad = kwargs.get("pad_token_id", getattr(gc, "pad_token_id", None))
+    gen = _to_numpy(sequences)[:, attention_mask.shape[1]:]
+    lengths = _generated_lengths(gen, eos)
+    custom = kwargs.get("stop_strings") or getattr(gc, "stop_strings", None) or \
+        kwargs.get("stopping_criteria")
+    if custom and pad is not None and gen.shape[1]:
+        for b in range(gen.shape[0]):
+            live = np.flatnonzero(gen[b] != pad)
+            lengths[b] = min(lengths[b], int(live[-1]) + 1 if live.size else 0)
+    return lengths
+
+
 def capture_generate(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -902,9 +924,10 @@ def capture_generate(
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                  **generate_kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        eos = generate_kwargs.get("eos_token_id")
         traces = cap.collect(sequences=sequences, attention_mask=attention_mask,
-                             eos_token_id=eos, request_ids=request_ids)
+                             request_ids=request_ids,
+                             generated_lengths=_stops(model, sequences, attention_mask,
+                                                      generate_kwargs))
         if dummy:
             traces = []
     finally:
