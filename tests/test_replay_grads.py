@@ -59,6 +59,14 @@ def _softmax_zero_experts(router, h, ids_NK):
     return logits_NE, w_NK.to(logits_NE.dtype), ids_NK
 
 
+def _softmax_group_limited(router, h, ids_NK):
+    """DeepSeek-V2 group_limited_greedy: the UNMASKED softmax at the ids, scaled (the live router
+    reads its weights from group-masked scores: a replayed id in a dropped group must not read 0)."""
+    logits_NE = F.linear(h.reshape(-1, router.hidden_dim).float(), router.weight.float())
+    w_NK = logits_NE.softmax(-1).gather(-1, ids_NK) * router.routed_scaling_factor
+    return logits_NE, w_NK, ids_NK
+
+
 def _llama4(router, h, ids_NK):
     """Llama 4: sigmoid of the chosen logits, 0 elsewhere; the block scales inputs densely."""
     logits_NE = F.linear(h, router.weight)
@@ -83,12 +91,25 @@ FAMILIES = {  # family -> (architecture, reference, where the reference goes)
     "sigmoid_bias_grouped_scaled": ("deepseek_v3", _sigmoid_bias, "router"),
     "sigmoid_bias_grouped_glm": ("glm4_moe", _sigmoid_bias, "router"),
     "softmax_bias_zero_experts": ("longcat_flash", _softmax_zero_experts, "router"),
+    "softmax_group_limited_v2": ("deepseek_v2_grouped", _softmax_group_limited, "router"),
     "sigmoid_dense_llama4": ("llama4_text", _llama4, "router"),
     "softmax_pnorm_dbrx": ("dbrx", _dbrx, "block"),
 }
 
 
+#: DeepSeek-V2 as released (group_limited_greedy): 4 groups of 2, the best 1 group kept
+_GROUPED_V2 = dict(topk_method="group_limited_greedy", n_group=4, topk_group=1)
+
+
 def _build(arch):
+    if arch == "deepseek_v2_grouped":
+        from dataclasses import replace
+
+        from extra_architectures import CASES_BY_ID
+        from extra_architectures import tiny_model as extra_tiny
+
+        case = CASES_BY_ID["deepseek_v2"]
+        return extra_tiny(replace(case, sizes={**case.sizes, **_GROUPED_V2}), seed=2)
     if arch in ("longcat_flash", "llama4_text", "dbrx"):
         from dataclasses import replace
 

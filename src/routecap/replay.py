@@ -222,7 +222,7 @@ class _Replay:
                 scope = topk_scope_for(site.module)
                 owner = site.module if scope.owner == "router" else site.block
                 tap = TopkTap.attach(owner, scope.method, num_experts=site.num_experts,
-                                     top_k=site.top_k,
+                                     top_k=site.top_k, values_from=scope.values_from,
                                      name=f"{self.info.architecture} {type(site.module).__name__} "
                                           f"at {site.path}")
                 if tap.forcer is not None:
