@@ -59,6 +59,8 @@ REPLAY_REFUSED = {
     "PhimoeTopKRouter": "its sparsemixer picks experts one at a time by max and a relative-score "
                         "threshold mask (Gumbel sampling in training), with no top-k call to "
                         "replace; replaying it needs the sparsemixer rewritten, not done",
+    "DeepseekV4HashRouter": "hash routing: its layers route by token id (router(hidden, "
+                            "input_ids)), not by a top-k of scores; capture refuses it too",
 }
 
 
