@@ -118,7 +118,7 @@ def _routecap_capture(self: Any, layer_id: int, topk_ids: Any) -> None:
     ctx = rec.get_forward_context()
     dp = getattr(ctx, "dp_metadata", None)
     if dp is None:
-        segments, count = ((0, n),), n
+        segments = ((0, n),)
     else:
         # NOTE: a CPU tensor (vLLM keeps the counts on the host): no device sync
         counts = [int(c) for c in dp.num_tokens_across_dp_cpu.tolist()]
