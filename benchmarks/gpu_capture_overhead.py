@@ -360,7 +360,11 @@ def profile_capture_step(num_layers: int, top_k: int, num_experts: int, tokens: 
     device, end_step with its copy to pinned memory), so every kernel counted is routecap's: the
     floor is one copy per layer.
     """
-    from routecap.capture_kernels import fused_available
+    try:
+        from routecap.capture_kernels import fused_available
+    except ImportError:  # an older routecap (the --kernels-only comparison against a checkout)
+        def fused_available(device: torch.device) -> bool:
+            return False
 
     cap = StepCapturer(CaptureSpec(num_layers=num_layers, top_k=top_k, num_experts=num_experts,
                                    max_tokens=tokens), device="cuda", sink=lambda snap: None)
@@ -389,7 +393,21 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32,256")
     ap.add_argument("--prefill", type=int, default=8192)
     ap.add_argument("--small", action="store_true", help="a 4-layer model, for a quick check")
+    ap.add_argument("--kernels-only", action="store_true",
+                    help="only count the device work of routecap's step (no model), at the "
+                         "30B-A3B shape; run it with PYTHONPATH at another checkout to compare")
     args = ap.parse_args()
+    if args.kernels_only:
+        shape = SMALL if args.small else QWEN3_30B_A3B
+        L, K, E = shape["num_hidden_layers"], shape["num_experts_per_tok"], shape["num_experts"]
+        import routecap
+
+        print(f"routecap from {routecap.__file__}")
+        for n in sorted({*(int(x) for x in args.batches.split(",")), args.prefill}):
+            c = profile_capture_step(L, K, E, n)
+            print(f"  {n:>6} tokens: {c['kernels']:>3} kernels (L + {c['kernels'] - L}), "
+                  f"{c['memcpys']} memcpys, {c['device_us']:8.1f} us of device time")
+        return
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
