@@ -55,9 +55,9 @@ def _require_block(T: int, L: int, K: int, skip: np.ndarray, out: np.ndarray) ->
 def rank_rows(ids_NK: np.ndarray, E: int, order: bool) -> tuple[np.ndarray, np.ndarray]:
     """Each row's combinatorial rank and (``order``) Lehmer code, as uint64 ``[N]`` arrays."""
     N, K = ids_NK.shape
-    comb, _, _ = ranking.tables(E, K)
     _require(ranking.mode_fits("order" if order else "set", E, K), f"ranks of E={E}, K={K} fit")
     _require(N == 0 or int(ids_NK.max()) < E, f"ids below E={E}")  # they index comb's columns
+    comb, _, _ = ranking.tables(E, K)
     if not USE_NUMBA:
         return ranking.rank_np(ids_NK, comb, order)
     ranks = np.empty(N, np.uint64)
