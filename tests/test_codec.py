@@ -313,3 +313,20 @@ def test_float_field_widths_are_refused(blob):
     h["routes"]["widths"] = [float(w) for w in h["routes"]["widths"]]
     with pytest.raises(CodecError, match="field widths"):
         decode(_with_header(h, rest))
+
+
+def test_fuzz_seed_is_replayable_and_the_failing_input_printed(monkeypatch, capsys):
+    import base64
+
+    monkeypatch.setenv("ROUTECAP_FUZZ_SEED", "4242")
+    seed, rng = fuzz_rng(2026)
+    assert seed == 4242 and rng.integers(1 << 30) == np.random.default_rng(4242).integers(1 << 30)
+    with pytest.raises(ZeroDivisionError):
+        with report_failure(seed, 17, b"\x00RCAP"):
+            1 / 0  # noqa: B018
+    out = capsys.readouterr().out
+    assert "fuzz seed 4242 (replay: ROUTECAP_FUZZ_SEED=4242)" in out
+    assert "fuzz input 17 of seed 4242 failed" in out and base64.b64encode(b"\x00RCAP").decode() in out
+    monkeypatch.setenv("ROUTECAP_FUZZ_SEED", "x")
+    with pytest.raises(ValueError, match="ROUTECAP_FUZZ_SEED should be an int, got 'x'"):
+        fuzz_rng(1)
