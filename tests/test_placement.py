@@ -33,6 +33,8 @@ def test_sorted_loads_on_two_gpus_reach_the_even_split():
     assert plan.after_LG.tolist() == [[18, 18]]
     assert plan.before_L.tolist() == [26 / 18] and plan.after_L.tolist() == [1.0]
     assert sorted(plan.balanced.experts_on_gpu(0, 0)) == [0, 3, 4, 7]
+    direct = balanced_placement([[8, 7, 6, 5, 4, 3, 2, 1]], 2)
+    assert direct.physical_to_logical_LP.tolist() == plan.balanced.physical_to_logical_LP.tolist()
 
 
 def test_three_gpus_two_slots_reach_the_even_split():
@@ -146,3 +148,14 @@ def test_every_expert_placed_and_no_gpu_over_its_slots(case):
         for g in range(ep):
             ref = sum(load[layer, e] / p.replicas_LE[layer, e] for e in p.experts_on_gpu(layer, g))
             assert np.isclose(plan.after_LG[layer, g], ref)
+
+
+def test_replicas_of_one_expert_go_to_different_gpus():
+    # expert 0 gets 3 replicas of 20 each; without the group rule LPT could stack two of them
+    plan = plan_placement([[60, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]], 3, redundant=2)
+    assert plan.balanced.replicas_LE[0, 0] == 3
+    for g in range(3):
+        experts = plan.balanced.experts_on_gpu(0, g)
+        assert len(experts) == len(set(experts)) == 5
+    # the packing rule alone: items of group 7 spread over both bins
+    assert pack_lpt(np.array([5.0, 5, 1, 1]), 2, 2, np.array([7, 7, 1, 2])).tolist() == [0, 1, 0, 1]

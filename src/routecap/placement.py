@@ -190,11 +190,14 @@ def replicate(load_E: np.ndarray, num_slots: int) -> np.ndarray:
     return replicas_E
 
 
-def pack_lpt(weights_N: np.ndarray, num_bins: int, capacity: int) -> np.ndarray:
+def pack_lpt(weights_N: np.ndarray, num_bins: int, capacity: int,
+             groups_N: np.ndarray | None = None) -> np.ndarray:
     """Bin of each item: heaviest first, each to the lightest bin that still has room.
 
     Longest-processing-time scheduling with ``capacity`` items per bin (``num_bins * capacity``
-    must equal the number of items). Ties go to the lower item index and the lower bin.
+    must equal the number of items). Ties go to the lower item index and the lower bin. With
+    ``groups_N`` (e.g. the expert of each replica), an item avoids bins that already hold an item
+    of its group while another bin has room: two replicas of one expert on one GPU balance nothing.
 
     Example:
         >>> pack_lpt(np.array([8.0, 7, 6, 5, 4, 3, 2, 1]), 2, 4).tolist()
@@ -208,9 +211,17 @@ def pack_lpt(weights_N: np.ndarray, num_bins: int, capacity: int) -> np.ndarray:
     load_G = np.zeros(num_bins)
     count_G = np.zeros(num_bins, np.int64)
     bin_N = np.empty(N, np.int64)
+    held: list[set[int]] = [set() for _ in range(num_bins)]
     for i in order:
-        open_load = np.where(count_G < capacity, load_G, np.inf)
-        g = int(np.argmin(open_load))
+        open_G = count_G < capacity
+        if groups_N is not None:
+            fresh_G = open_G & np.array([int(groups_N[i]) not in h for h in held])
+            if fresh_G.any():
+                open_G = fresh_G
+            held_by = int(groups_N[i])
+        g = int(np.argmin(np.where(open_G, load_G, np.inf)))
+        if groups_N is not None:
+            held[g].add(held_by)
         bin_N[i] = g
         load_G[g] += weights_N[i]
         count_G[g] += 1
@@ -223,7 +234,7 @@ def _balanced_row(load_E: np.ndarray, ep_size: int, slots_per_gpu: int) -> np.nd
     replicas_E = replicate(load_E, P)
     expert_N = np.repeat(np.arange(E), replicas_E)  # one item per replica
     weight_N = (load_E / replicas_E)[expert_N]
-    bin_N = pack_lpt(weight_N, ep_size, slots_per_gpu)
+    bin_N = pack_lpt(weight_N, ep_size, slots_per_gpu, expert_N)
     # slots of GPU g are [g*S, (g+1)*S); within a GPU, experts ascending (stable, readable)
     order = np.lexsort((expert_N, bin_N))
     return expert_N[order]
