@@ -132,6 +132,9 @@ def test_page_is_self_contained():
 def test_no_traces_and_bad_ep_size_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no traces"):
         render_report([], source="empty")
+    rng = np.random.default_rng(5)
+    with pytest.raises(ValueError, match=r"request 'b' has \(E, moe_layers, K\) = \(8, "):
+        collect_stats([_random_trace(rng, "a", 4), _random_trace(rng, "b", 4, E=8)])
     rng = np.random.default_rng(4)
     save_file([_random_trace(rng, "a", 10)], tmp_path / "t.safetensors")
     r = run("report", str(tmp_path / "t.safetensors"), "--ep-size", "4",

@@ -32,6 +32,11 @@ def _ratio(num_L: np.ndarray, den_L: np.ndarray) -> np.ndarray:
         return np.where(den_L > 0, num_L / np.where(den_L > 0, den_L, 1), np.nan)
 
 
+def _counts(a: np.ndarray) -> np.ndarray:
+    """Counts in the narrowest unsigned dtype (the figure JSON carries them base64-encoded)."""
+    return a.astype(np.uint16 if a.size == 0 or a.max() < 65536 else np.uint32)
+
+
 def max_over_mean_L(counts_LE: np.ndarray) -> np.ndarray:
     return _ratio(counts_LE.max(axis=-1), counts_LE.mean(axis=-1))
 
@@ -57,7 +62,7 @@ def expert_load(stats: ReportStats) -> go.Figure:
                         subplot_titles=("tokens per expert / layer mean", "max / mean"))
     zmax = float(np.nanmax(rel)) if np.isfinite(rel).any() else 2.0
     fig.add_trace(go.Heatmap(
-        z=rel, x=np.arange(E), y=labels, customdata=counts.astype(np.int64),
+        z=rel.astype(np.float32), x=np.arange(E), y=labels, customdata=_counts(counts),
         colorscale=_HOT, zmid=1.0, zmin=0.0, zmax=max(2.0, zmax),
         colorbar=dict(title=dict(text="x mean"), x=1.01, len=0.9, thickness=12),
         hovertemplate="%{y}, expert %{x}<br>%{customdata:,} tokens<br>%{z:.2f} x mean<extra></extra>",
@@ -144,7 +149,7 @@ def coactivation(stats: ReportStats) -> go.Figure:
         log2 = np.log2(np.where(lift > 0, lift, np.nan))
         log2[(lift == 0)] = -4.0  # never together: clamp to the bottom of the scale
         fig.add_trace(go.Heatmap(
-            z=np.clip(log2, -4, 4), customdata=pairs.astype(np.int64), x=np.arange(E),
+            z=np.clip(log2, -4, 4).astype(np.float32), customdata=_counts(pairs), x=np.arange(E),
             y=np.arange(E), zmin=-2, zmax=2, zmid=0, colorscale=_HOT, visible=(c == 0),
             colorbar=dict(title=dict(text="log2 lift"), thickness=12),
             hovertemplate=("experts %{y} and %{x}<br>%{customdata:,} tokens chose both"

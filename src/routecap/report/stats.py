@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..analysis import LoadCounter, TraceSummary
+from ..analysis import TraceSummary
 from ..trace import RoutingTrace
 
 __all__ = ["POSITION_EDGES", "Limits", "ReportStats", "collect_stats"]
@@ -31,8 +31,8 @@ class Limits:
     request_view_ids: int = 250_000  # expert ids (tokens x L x K) in the request view in all
     request_view_tokens: int = 512  # tokens per request in the request view
     scatter_requests: int = 4000  # points in the per-request scatter
-    coactivation_cells: int = 400_000  # E x E cells of co-activation matrices in all
-    coactivation_layers: int = 8
+    coactivation_cells: int = 100_000  # E x E cells of co-activation matrices in all
+    coactivation_layers: int = 6
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,8 +82,10 @@ def _coact_layers(L: int, E: int, limits: Limits) -> tuple[int, ...]:
 class _Collector:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.counter = LoadCounter()
         self.shape: tuple[int, int, int] | None = None  # L, K, E
+        self.meta: tuple[str, int, tuple[int, ...], int] | None = None  # model, E, layers, K
+        self.num_tokens = 0
+        self.num_missing = 0
         self.req_ids: list[str] = []
         self.req_tokens: list[int] = []
         self.req_prompt: list[int] = []
@@ -105,21 +107,32 @@ class _Collector:
         self.pair_a, self.pair_b = iu
 
     def add(self, t: RoutingTrace) -> None:
-        self.counter.add(t)  # checks that every trace has the same E, K, layers
-        if self.shape is None:
+        meta = (t.model, t.num_experts, t.moe_layers, t.top_k)
+        if self.meta is None:
+            self.meta = meta
             self._init(t)
+        elif meta[1:] != self.meta[1:]:
+            # NOTE: the same check and words as analysis.LoadCounter (counts are kept here by
+            # position group, so the totals come from them rather than from a second pass)
+            raise ValueError(f"summary: request {t.request_id!r} has (E, moe_layers, K) = "
+                             f"{meta[1:]}, expected {self.meta[1:]}")
+        self.num_tokens += t.num_tokens
+        self.num_missing += t.num_missing
         L, K, E = self.shape
         G = self.counts_GLE.shape[0]
         req_counts_LE = np.zeros((L, E), np.int64)
         for a in range(0, t.num_tokens, _ROWS_PER_CHUNK):
             b = min(t.num_tokens, a + _ROWS_PER_CHUNK)
-            ids_TLK = t.expert_ids[a:b].astype(np.int64)
-            valid_TL = np.ones((b - a, L), bool) if t.missing is None else ~t.missing[a:b]
+            ids_TLK = t.expert_ids[a:b]
+            valid_TL = None if t.missing is None else ~t.missing[a:b]
             pos_T = t.start + np.arange(a, b)
             group_T = 2 * (np.searchsorted(POSITION_EDGES, pos_T, side="right") - 1) + (
                 pos_T >= t.prompt_len)
-            flat_TLK = (group_T[:, None, None] * L + np.arange(L)[None, :, None]) * E + ids_TLK
-            c = np.bincount(flat_TLK[valid_TL].ravel(), minlength=G * L * E).reshape(G, L, E)
+            # NOTE: int32 flat indices (G*L*E is far below 2**31) halve the memory traffic
+            base_TL = ((group_T[:, None] * L + np.arange(L)[None, :]) * E).astype(np.int32)
+            flat_TLK = base_TL[:, :, None] + ids_TLK
+            flat = flat_TLK.ravel() if valid_TL is None else flat_TLK[valid_TL].ravel()
+            c = np.bincount(flat, minlength=G * L * E).reshape(G, L, E)
             self.counts_GLE += c
             req_counts_LE += c.sum(axis=0)
             self.tokens_G += np.bincount(group_T, minlength=G)
@@ -134,10 +147,11 @@ class _Collector:
         self.req_imb.append(float(np.nanmean(imb_L)) if np.isfinite(imb_L).any() else float("nan"))
         self._sample(t)
 
-    def _coactivation(self, ids_TLK: np.ndarray, valid_TL: np.ndarray, E: int) -> None:
+    def _coactivation(self, ids_TLK: np.ndarray, valid_TL: np.ndarray | None, E: int) -> None:
         for c, layer in enumerate(self.coact):
-            ok = valid_TL[:, layer]
-            ids_TK = ids_TLK[ok, layer, :]
+            ids_TK = ids_TLK[:, layer, :].astype(np.int32)
+            if valid_TL is not None:
+                ids_TK = ids_TK[valid_TL[:, layer]]
             self.coact_tokens_C[c] += ids_TK.shape[0]
             if ids_TK.shape[1] < 2 or ids_TK.shape[0] == 0:
                 continue
@@ -163,8 +177,12 @@ class _Collector:
         self.sample_ids += n * per_token
 
     def finish(self) -> ReportStats:
-        summary = self.counter.summary()
         L, K, E = self.shape
+        model, _, layers, _ = self.meta
+        summary = TraceSummary(model=model, num_requests=len(self.req_ids),
+                               num_tokens=self.num_tokens, num_missing=self.num_missing,
+                               num_experts=E, top_k=K, moe_layers=layers,
+                               counts_LE=self.counts_GLE.sum(axis=0))
         nb = len(POSITION_EDGES)
         pairs = self.pairs_CEE + self.pairs_CEE.transpose(0, 2, 1)
         idx = np.arange(E)
