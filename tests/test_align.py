@@ -350,7 +350,7 @@ def test_vllm_and_sglang_responses_align_like_routecap_traces():
                          num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                          num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0, 2])
     outs = []
-    for rid, P, G, full, tokens in reqs:
+    for rid, P, _G, full, tokens in reqs:
         ro = SimpleNamespace(request_id=rid, prompt_token_ids=tokens[:P].tolist(), outputs=[
             SimpleNamespace(index=0, token_ids=tokens[P:].tolist(), routed_experts=full)])
         outs += from_request_output(ro, cfg)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .align import AlignError, MISSING, _cu_seqlens, _numpy
+from .align import MISSING, AlignError, _cu_seqlens
 
 __all__ = [
     "CP_MODES",
