@@ -32,6 +32,23 @@ def _ratio(num_L: np.ndarray, den_L: np.ndarray) -> np.ndarray:
         return np.where(den_L > 0, num_L / np.where(den_L > 0, den_L, 1), np.nan)
 
 
+def _log_ratio(rel: np.ndarray, title: str) -> dict:
+    """Heatmap arguments for a ratio to the mean on a log2 scale, white at the mean (x1).
+
+    A ratio of 0 (an idle expert) sits at the cold end of the scale.
+    """
+    finite = rel[np.isfinite(rel) & (rel > 0)]
+    top = float(np.abs(np.log2(finite)).max()) if finite.size else 1.0
+    m = float(min(5, max(1, np.ceil(top))))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.log2(rel)
+    z = np.where(np.isnan(rel), np.nan, np.clip(z, -m, m)).astype(np.float32)
+    ticks = np.arange(-m, m + 1)
+    text = [f"x{2.0 ** t:g}" if t >= 0 else f"x1/{2 ** -t:g}" for t in ticks]
+    return dict(z=z, zmin=-m, zmax=m, colorscale=_HOT,
+                colorbar=dict(title=dict(text=title), thickness=12, tickvals=ticks, ticktext=text))
+
+
 def _counts(a: np.ndarray) -> np.ndarray:
     """Counts in the narrowest unsigned dtype (the figure JSON carries them base64-encoded)."""
     return a.astype(np.uint16 if a.size == 0 or a.max() < 65536 else np.uint32)
@@ -60,12 +77,11 @@ def expert_load(stats: ReportStats) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, column_widths=[0.84, 0.16],
                         horizontal_spacing=0.015,
                         subplot_titles=("tokens per expert / layer mean", "max / mean"))
-    zmax = float(np.nanmax(rel)) if np.isfinite(rel).any() else 2.0
     fig.add_trace(go.Heatmap(
-        z=rel.astype(np.float32), x=np.arange(E), y=labels, customdata=_counts(counts),
-        colorscale=_HOT, zmid=1.0, zmin=0.0, zmax=max(2.0, zmax),
-        colorbar=dict(title=dict(text="x mean"), x=1.01, len=0.9, thickness=12),
-        hovertemplate="%{y}, expert %{x}<br>%{customdata:,} tokens<br>%{z:.2f} x mean<extra></extra>",
+        **_log_ratio(rel, "x layer mean"), x=np.arange(E), y=labels,
+        customdata=np.stack([counts, rel], axis=-1).astype(np.float32),
+        hovertemplate=("%{y}, expert %{x}<br>%{customdata[0]:,.0f} tokens"
+                       "<br>%{customdata[1]:.2f} x mean<extra></extra>"),
     ), row=1, col=1)
     fig.add_trace(go.Bar(
         x=imb, y=labels, orientation="h", marker_color="#d62728",
@@ -147,13 +163,14 @@ def coactivation(stats: ReportStats) -> go.Figure:
         lift[~np.isfinite(lift)] = np.nan
         np.fill_diagonal(lift, np.nan)
         log2 = np.log2(np.where(lift > 0, lift, np.nan))
-        log2[(lift == 0)] = -4.0  # never together: clamp to the bottom of the scale
+        log2[(lift == 0)] = -2.0  # never together: the bottom of the scale
         fig.add_trace(go.Heatmap(
-            z=np.clip(log2, -4, 4).astype(np.float32), customdata=_counts(pairs), x=np.arange(E),
-            y=np.arange(E), zmin=-2, zmax=2, zmid=0, colorscale=_HOT, visible=(c == 0),
-            colorbar=dict(title=dict(text="log2 lift"), thickness=12),
+            z=np.clip(log2, -2, 2).astype(np.float32), customdata=_counts(pairs), x=np.arange(E),
+            y=np.arange(E), zmin=-2, zmax=2, colorscale=_HOT, visible=(c == 0),
+            colorbar=dict(title=dict(text="lift"), thickness=12, tickvals=[-2, -1, 0, 1, 2],
+                          ticktext=["x1/4", "x1/2", "x1", "x2", "x4"]),
             hovertemplate=("experts %{y} and %{x}<br>%{customdata:,} tokens chose both"
-                           "<br>log2 lift %{z:.2f}<extra></extra>")))
+                           "<br>lift 2^%{z:.2f}<extra></extra>")))
         buttons.append(dict(label=f"layer {stats.moe_layers[layer]}", method="update",
                             args=[{"visible": [i == c for i in range(n)]}]))
     fig.update_yaxes(autorange="reversed", title_text="expert", scaleanchor="x")
@@ -183,15 +200,18 @@ def placement_gpus(plan: PlacementPlan) -> go.Figure:
     G = plan.ep_size
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
                         subplot_titles=("engine default", "balanced"))
+    rel_before = plan.before_LG / np.maximum(plan.before_LG.mean(axis=1, keepdims=True), 1e-300)
+    scale = _log_ratio(rel_before, "x mean GPU")
     for col, load in ((1, plan.before_LG), (2, plan.after_LG)):
         rel = load / np.maximum(load.mean(axis=1, keepdims=True), 1e-300)
+        args = _log_ratio(rel, "x mean GPU")
+        args.update(zmin=scale["zmin"], zmax=scale["zmax"], colorbar=scale["colorbar"])
+        args["z"] = np.clip(args["z"], scale["zmin"], scale["zmax"])
         fig.add_trace(go.Heatmap(
-            z=rel, x=[f"GPU {g}" for g in range(G)], y=labels, customdata=load, zmid=1.0,
-            zmin=0.0, zmax=max(2.0, float(np.nanmax(plan.before_LG / np.maximum(
-                plan.before_LG.mean(axis=1, keepdims=True), 1e-300))) if load.size else 2.0),
-            colorscale=_HOT, showscale=(col == 2),
-            colorbar=dict(title=dict(text="x mean"), thickness=12),
-            hovertemplate="%{y}, %{x}<br>%{customdata:,.1f} tokens<br>%{z:.2f} x mean<extra></extra>"),
+            **args, x=[f"GPU {g}" for g in range(G)], y=labels,
+            customdata=np.stack([load, rel], axis=-1).astype(np.float32), showscale=(col == 2),
+            hovertemplate=("%{y}, %{x}<br>%{customdata[0]:,.1f} tokens"
+                           "<br>%{customdata[1]:.2f} x mean<extra></extra>")),
             row=1, col=col)
     fig.update_yaxes(autorange="reversed", row=1, col=1)
     return _style(fig, _height(len(labels)), margin=dict(l=80, r=20, t=40, b=40))
