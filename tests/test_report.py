@@ -261,3 +261,75 @@ def test_report_written_atomically(tmp_path):
     write_report(tmp_path / "a.html", "<html>é</html>")
     assert (tmp_path / "a.html").read_text() == "<html>é</html>"
     assert [p.name for p in tmp_path.iterdir()] == ["a.html"]
+
+
+# ---- --vs: agreement by position ---------------------------------------------------------------
+def _pair(ids_a, ids_b, *, prompt_len, tokens_a=None, tokens_b=None, rid="r", E=4):
+    mk = lambda ids, tok: RoutingTrace.from_ids(  # noqa: E731
+        np.array(ids), num_experts=E, moe_layers=[1], request_id=rid, prompt_len=prompt_len,
+        token_ids=None if tok is None else np.array(tok, np.int32))
+    return mk(ids_a, tokens_a), mk(ids_b, tokens_b)
+
+
+def test_agreement_by_position_splits_prompt_generated_and_buckets():
+    from routecap.analysis import agreement
+    from routecap.report.agreement import agreement_by_position
+
+    # 20 tokens, prompt 10; sets differ at positions 2 (prompt) and 17, 18 (generated, bucket 16-63)
+    a_ids = [[[0, 1]]] * 20
+    b_ids = [[[0, 1]]] * 20
+    for p in (2, 17, 18):
+        b_ids = b_ids[:p] + [[[0, 2]]] + b_ids[p + 1:]
+    a, b = _pair(a_ids, b_ids, prompt_len=10)
+    pa = agreement_by_position([a], [b])
+    g = pa.overall.result()
+    assert g.differ_L.tolist() == [3] and g.num_cells == 20
+    assert g.differ_fraction == agreement(a, b).differ_fraction
+    assert pa.prompt.result().differ_L.tolist() == [1] and pa.prompt.result().num_cells == 10
+    assert pa.generated.result().differ_L.tolist() == [2]
+    assert pa.buckets[0].result().num_cells == 16 and pa.buckets[0].result().differ_L.tolist() == [1]
+    assert pa.buckets[1].result().num_cells == 4 and pa.buckets[1].result().differ_L.tolist() == [2]
+    assert pa.buckets[2].num_requests == 0
+
+
+def test_agreement_stops_at_the_first_different_token():
+    from routecap.report.agreement import agreement_by_position
+
+    # both generated from position 3; token 5 differs, so positions 5.. are never compared, in any
+    # bucket (the later routes were computed for other contexts)
+    tok_a = [9, 9, 9, 4, 4, 7, 7, 7]
+    tok_b = [9, 9, 9, 4, 4, 8, 7, 7]
+    a, b = _pair([[[0, 1]]] * 8, [[[0, 1]]] * 5 + [[[2, 3]]] * 3, prompt_len=3,
+                 tokens_a=tok_a, tokens_b=tok_b)
+    pa = agreement_by_position([a], [b])
+    g = pa.overall.result()
+    assert g.num_cells == 5 and g.differ_fraction == 0.0
+    assert g.extra == {"diverged_requests": 1, "uncompared_positions": 3}
+    assert pa.generated.result().num_cells == 2
+    assert sum(c.result().num_cells for c in pa.buckets if c.num_requests) == 5
+
+
+def test_agreement_needs_the_same_requests():
+    from routecap.report.agreement import agreement_by_position
+
+    a, _ = _pair([[[0, 1]]], [[[0, 1]]], prompt_len=1, rid="x")
+    _, b = _pair([[[0, 1]]], [[[0, 1]]], prompt_len=1, rid="y")
+    with pytest.raises(ValueError, match=r"only in the first \['x'\] \(1\), only in --vs \['y'\] \(1\)"):
+        agreement_by_position([a], [b])
+
+
+def test_demo_report_vs_bfloat16_in_chromium(demo, tmp_path):
+    out = tmp_path / "vs.html"
+    r = run("report", str(demo["f32"]), "--vs", str(demo["bf16"]), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    html = out.read_text()
+    assert "Agreement with --vs" in html
+    # float32 against bfloat16 routes differ somewhere; against itself nothing differs
+    m = re.search(r"expert set differs</th><td><b>([0-9.]+)%", html)
+    assert m and float(m.group(1)) > 0
+    same = tmp_path / "same.html"
+    r = run("report", str(demo["f32"]), "--vs", str(demo["f32"]), "--out", str(same))
+    assert r.returncode == 0, r.stderr
+    assert "expert set differs</th><td><b>0.00%" in same.read_text()
+    seen = open_in_chromium(out, tmp_path / "vs.png")
+    _check_drawn(seen, out.resolve().as_uri(), 10)

@@ -102,7 +102,6 @@ def render_report(
     decode: Callable[[int], str] | None = None,
     limits: Limits | None = None,
     advance: Callable[[int], None] | None = None,
-    vs_section: Callable[..., Section] | None = None,
 ) -> str:
     """The report of ``traces`` (and, with ``vs``, their agreement with ``vs``) as HTML text.
 
@@ -115,6 +114,8 @@ def render_report(
         >>> page.startswith("<!DOCTYPE html>") and "Expert-parallel placement" in page
         True
     """
+    if vs is not None and iter(traces) is traces:
+        traces = list(traces)  # a one-shot iterator: the --vs pass reads the traces again
     stats = collect_stats(traces, limits=limits, advance=advance)
     s = stats.summary
     G = default_ep_size(s.num_experts) if ep_size is None else ep_size
@@ -150,10 +151,10 @@ def render_report(
                 figures=(("lift", figures.coactivation(stats)),)),
     ]
     if vs is not None:
-        if vs_section is None:
-            from .agreement import agreement_section as vs_section
-        sections.append(vs_section(stats=stats, source=source, vs=vs, vs_source=vs_source,
-                                   advance=advance))
+        from .agreement import agreement_section
+
+        sections.append(agreement_section(stats=stats, traces=traces, source=source, vs=vs,
+                                   vs_source=vs_source, advance=advance))
     sections.append(_placement_section(plan, source))
     text = ("a tokenizer" if decode is not None else
             "no tokenizer (token ids shown; pass --tokenizer for text)")

@@ -34,6 +34,7 @@ class Section:
     title: str
     intro: str  # HTML
     figures: tuple[tuple[str, go.Figure], ...] = ()
+    html_before: str = ""  # between the intro and the figures
     html_after: str = ""
 
 
@@ -97,7 +98,8 @@ def render_page(*, title: str, subtitle: str, cards: list[tuple[str, str]], note
             figs[fid] = _figure_json(fig)
             divs.append(f'<div class="plot" id="fig-{fid}" data-figure="{fid}"></div>')
         body.append(f'<section id="{s.key}"><h2>{html.escape(s.title)}</h2>'
-                    f'<p class="intro">{s.intro}</p>{"".join(divs)}{s.html_after}</section>')
+                    f'<p class="intro">{s.intro}</p>{s.html_before}{"".join(divs)}{s.html_after}'
+                    '</section>')
     figures_json = "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in figs.items()) + "}"
     card_html = "".join(f'<div class="card"><div class="v">{html.escape(v)}</div>'
                         f'<div class="k">{html.escape(k)}</div></div>' for k, v in cards)
