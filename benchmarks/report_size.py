@@ -70,6 +70,32 @@ def median_time(fn, repeats: int) -> tuple[float, float, object]:
     return statistics.median(walls), statistics.median(cpus), result
 
 
+def browser_time(path: Path) -> None:
+    """Seconds from opening the page in headless Chromium until every plot is drawn (if present)."""
+    import shutil
+
+    chromium = shutil.which("chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        chromium = None
+    if chromium is None:
+        print("browser: chromium or playwright missing, not measured")
+        return
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=args)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        t0 = time.perf_counter()
+        page.goto(path.resolve().as_uri())
+        page.wait_for_selector("body[data-plots-drawn]", timeout=300_000)
+        wall = time.perf_counter() - t0
+        n = page.get_attribute("body", "data-plots-drawn")
+        browser.close()
+    print(f"browser: headless Chromium opened the page and drew its {n} plots in {wall:.2f} s (wall)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
@@ -105,6 +131,7 @@ def main() -> None:
         print(f"{name:34s} {w:7.2f} {c:7.2f}  x{c / base_cpu:5.2f}")
     print(f"HTML: {size / 1e6:.2f} MB = plotly.js embedded {js / 1e6:.2f} MB + figures and request "
           f"view {(size - js) / 1e6:.2f} MB  -> {out}")
+    browser_time(out)
     page = out.read_text()
     for note in ("per-request plot:", "co-activation:", "request view:"):
         i = page.find(note)

@@ -159,3 +159,11 @@ def test_replicas_of_one_expert_go_to_different_gpus():
         assert len(experts) == len(set(experts)) == 5
     # the packing rule alone: items of group 7 spread over both bins
     assert pack_lpt(np.array([5.0, 5, 1, 1]), 2, 2, np.array([7, 7, 1, 2])).tolist() == [0, 1, 0, 1]
+
+
+def test_docstring_examples():
+    import doctest
+
+    import routecap.placement
+
+    assert doctest.testmod(routecap.placement).failed == 0

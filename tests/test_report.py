@@ -334,3 +334,41 @@ def test_demo_report_vs_bfloat16_in_chromium(demo, tmp_path):
     assert "expert set differs</th><td><b>0.00%" in same
     seen = open_in_chromium(out, tmp_path / "vs.png")
     _check_drawn(seen, out.resolve().as_uri(), 10)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import routecap.report.build
+
+    assert doctest.testmod(routecap.report.build).failed == 0
+
+
+def test_a_capture_of_empty_requests_renders():
+    import warnings
+
+    e = RoutingTrace.from_ids(np.zeros((0, 2, 2), np.int64), num_experts=4, moe_layers=[0, 1],
+                              request_id="e", prompt_len=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        page = render_report([e], source="empty", ep_size=2)
+    assert '"requests":[]' in page  # nothing to show in the request view, and no crash
+
+
+def test_request_view_carries_routes_byte_exact():
+    import base64
+
+    from routecap.report.page import request_view_data
+
+    rng = np.random.default_rng(6)
+    t = _random_trace(rng, "w", 5, E=300, K=3)  # uint16 ids
+    t = RoutingTrace.from_ids(t.expert_ids, num_experts=300, moe_layers=t.moe_layers,
+                              request_id="w", prompt_len=2, missing=rng.random((5, 3)) < 0.3,
+                              token_ids=t.token_ids, topk_order="router")
+    d = request_view_data([t], lambda i: f"<{i}>", moe_layers=t.moe_layers, num_experts=300, top_k=3)
+    (r,) = d["requests"]
+    ids = np.frombuffer(base64.b64decode(r["ids"]), "<u2").reshape(5, 3, 3)
+    assert d["wide"] and np.array_equal(ids, t.expert_ids)
+    miss = np.frombuffer(base64.b64decode(r["missing"]), np.uint8).reshape(5, 3).astype(bool)
+    assert np.array_equal(miss, t.missing)
+    assert r["text"] == [f"<{int(i)}>" for i in t.token_ids]

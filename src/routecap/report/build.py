@@ -156,12 +156,15 @@ def render_report(
         sections.append(agreement_section(stats=stats, traces=traces, source=source, vs=vs,
                                    vs_source=vs_source, advance=advance))
     sections.append(_placement_section(plan, source))
-    text = ("a tokenizer" if decode is not None else
+    text = ("text from the tokenizer" if decode is not None else
             "no tokenizer (token ids shown; pass --tokenizer for text)")
     sections.append(Section(
         key="request-view", title="Request view",
         intro=(f"A request's tokens ({text}), coloured by the first expert the chosen layer "
-               "routed each token to. Hover a token for its routes at every layer."),
+               "routed each token to. Hover a token for its routes at every layer." +
+               (" These traces hold their K ids sorted ascending (topk_order=sorted): the first "
+                "is the lowest id, not the top-1." if any(t.topk_order == "sorted"
+                                                          for t in stats.samples) else "")),
         html_after=_REQUEST_VIEW_HTML))
     rv = request_view_data(stats.samples, decode, moe_layers=s.moe_layers,
                            num_experts=s.num_experts, top_k=s.top_k)

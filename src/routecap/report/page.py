@@ -65,7 +65,6 @@ def request_view_data(samples: list[RoutingTrace], decode: Callable[[int], str] 
     """The request view's data: per request, the token texts and its routes as base64 arrays."""
     reqs = []
     for t in samples:
-        ids = t.expert_ids if num_experts <= 256 else t.expert_ids.astype(np.uint16)
         text = None
         if t.token_ids is not None and decode is not None:
             text = [decode(int(i)) for i in t.token_ids]
@@ -73,7 +72,8 @@ def request_view_data(samples: list[RoutingTrace], decode: Callable[[int], str] 
             "id": t.request_id, "start": t.start, "prompt_len": t.prompt_len, "T": t.num_tokens,
             "text": text,
             "token_ids": None if t.token_ids is None else [int(i) for i in t.token_ids],
-            "ids": _b64(ids.astype(np.uint8 if num_experts <= 256 else np.uint16)),
+            # little-endian uint16 is what the page's Uint16Array reads on every browser platform
+            "ids": _b64(t.expert_ids.astype(np.uint8 if num_experts <= 256 else "<u2")),
             "missing": None if t.missing is None else _b64(t.missing.astype(np.uint8)),
         })
     return {"layers": list(moe_layers), "E": num_experts, "K": top_k,
