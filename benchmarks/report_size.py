@@ -113,9 +113,10 @@ def main() -> None:
     print(f"capture: {len(ts)} requests, {n_tok:,} tokens, L={L} MoE layers, top-{K} of E={E}; "
           f"{disk / 1e6:.1f} MB of trace files")
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     plotly_js_gzip_b64()
-    print(f"one-time per process: gzip + base64 of plotly.js {time.perf_counter() - t0:.2f} s")
+    print(f"one-time per process: gzip + base64 of plotly.js {time.perf_counter() - t0:.2f} s wall, "
+          f"{time.process_time() - c0:.2f} s CPU")
 
     out = CACHE / "report-100k.html"
     base, base_cpu, _ = median_time(lambda: summarize(open_traces(cap)), args.repeats)

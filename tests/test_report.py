@@ -27,9 +27,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def run(*args):
+def run(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "src")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     return subprocess.run([sys.executable, "-m", "routecap", *args], capture_output=True,
-                          text=True, cwd=ROOT)
+                          text=True, cwd=cwd, env=env)
 
 
 def _random_trace(rng, rid, T, *, L=3, K=2, E=6, prompt_len=None, start=0, p_missing=0.0):
@@ -156,10 +158,10 @@ def demo(tmp_path_factory):
     base = tmp_path_factory.mktemp("demo")
     prompts = read_prompts(ROOT / "examples" / "prompts.txt")[:6]
     out = {}
-    for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+    for name, dtype in (("demo-f32", torch.float32), ("demo-bf16", torch.bfloat16)):
         run_capture_job(CaptureJob(model="builtin:tiny-qwen3-moe", prompts=prompts,
                                    out_dir=base / name, max_new_tokens=12, dtype=dtype))
-        out[name] = base / name
+        out[name.removeprefix("demo-")] = base / name
     return out
 
 
@@ -226,7 +228,9 @@ def _check_drawn(seen: dict, page_url: str, expected_plots: int) -> None:
 
 def test_demo_report_in_chromium(demo, tmp_path):
     out = tmp_path / "report.html"
-    r = run("report", str(demo["f32"]), "--ep-size", "4", "--redundant", "4", "--out", str(out))
+    # run where the capture is, so the page names it as a user would see it (demo-f32)
+    r = run("report", demo["f32"].name, "--ep-size", "4", "--redundant", "4", "--out", str(out),
+            cwd=demo["f32"].parent)
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and out.stat().st_size < 4_000_000
     html = out.read_text()

@@ -43,7 +43,7 @@ def _log_ratio(rel: np.ndarray, title: str) -> dict:
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.log2(rel)
     z = np.where(np.isnan(rel), np.nan, np.clip(z, -m, m)).astype(np.float32)
-    ticks = np.arange(-m, m + 1)
+    ticks = np.arange(-m, m + 1, 1 if m <= 3 else 2)
     text = [f"x{2.0 ** t:g}" if t >= 0 else f"x1/{2 ** -t:g}" for t in ticks]
     return dict(z=z, zmin=-m, zmax=m, colorscale=_HOT,
                 colorbar=dict(title=dict(text=title), thickness=12, tickvals=ticks, ticktext=text))

@@ -67,7 +67,9 @@ def request_view_data(samples: list[RoutingTrace], decode: Callable[[int], str] 
     for t in samples:
         text = None
         if t.token_ids is not None and decode is not None:
-            text = [decode(int(i)) for i in t.token_ids]
+            # a token that is part of a multi-byte character decodes to U+FFFD alone: show its id
+            text = [s if "\ufffd" not in s else f"\u27e8{int(i)}\u27e9"
+                    for i, s in ((i, decode(int(i))) for i in t.token_ids)]
         reqs.append({
             "id": t.request_id, "start": t.start, "prompt_len": t.prompt_len, "T": t.num_tokens,
             "text": text,
