@@ -167,3 +167,12 @@ def test_docstring_examples():
     import routecap.placement
 
     assert doctest.testmod(routecap.placement).failed == 0
+
+
+def test_decoder_layer_count_comes_from_the_model_config(tmp_path):
+    from routecap.report.commands import _num_hidden_layers
+
+    assert _num_hidden_layers("builtin:tiny-qwen3-moe") == 4
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 48}}))
+    assert _num_hidden_layers(str(tmp_path)) == 48
+    assert _num_hidden_layers(str(tmp_path / "nowhere")) is None and _num_hidden_layers("") is None

@@ -77,15 +77,34 @@ def placement_command(*, traces: Path, ep_size: int, redundant: int, out_path: P
         summary = summarize(open_traces(traces))
         plan = plan_placement(summary.counts_LE, ep_size, redundant=redundant,
                               moe_layers=summary.moe_layers)
-        if num_layers is None and summary.model.startswith("builtin:"):
-            from ..builtin import tiny_config
-
-            num_layers = tiny_config(summary.model.split(":", 1)[1]).num_hidden_layers
+        if num_layers is None and fmt == "sglang":
+            num_layers = _num_hidden_layers(summary.model)
         write_placement(plan, out_path, fmt, num_hidden_layers=num_layers)
     except (TraceFileError, PlacementError, ValueError) as e:
         raise _fail(err, str(e)) from None
     print_placement(plan, out)
     out.print(f"wrote the balanced placement ({fmt} format) to {out_path}")
+
+
+def _num_hidden_layers(model: str) -> int | None:
+    """All decoder layers of the captured model, when its config is at hand (built-in or a folder)."""
+    import json
+
+    if model.startswith("builtin:"):
+        from ..builtin import tiny_config
+
+        return int(tiny_config(model.split(":", 1)[1]).num_hidden_layers)
+    cfg_path = Path(model) / "config.json" if model else None
+    if cfg_path is None or not cfg_path.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return None
+    for c in (cfg, cfg.get("text_config") or {}):
+        if isinstance(c.get("num_hidden_layers"), int):
+            return int(c["num_hidden_layers"])
+    return None
 
 
 def print_placement(plan: Any, out: Console) -> None:
