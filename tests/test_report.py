@@ -165,7 +165,7 @@ def demo(tmp_path_factory):
     return out
 
 
-def open_in_chromium(html_path: Path, screenshot: Path) -> dict:
+def open_in_chromium(html_path: Path, screenshot: Path, sections: tuple[str, ...] = ()) -> dict:
     """Load the page in headless Chromium; return console errors, requests and what was drawn."""
     if CHROMIUM is None:
         pytest.skip("chromium is not installed and `make test` could not install it "
@@ -200,13 +200,15 @@ def open_in_chromium(html_path: Path, screenshot: Path) -> dict:
             n_tokens = tokens.count()
             tokens.nth(min(3, n_tokens - 1)).hover()
             route = page.inner_text("#rv-route")
+            for key in ("request-view",) + sections:
+                page.locator(f"#{key}").screenshot(
+                    path=str(screenshot.with_name(f"{screenshot.stem}-{key}.png")))
             page.select_option("#rv-layer", index=2)
-            page.locator("#request-view").screenshot(
-                path=str(screenshot.with_name(screenshot.stem + "-request-view.png")))
+            legend = page.inner_text("#rv-legend")
         finally:
             browser.close()
     return {"errors": errors, "requests": requests, "plots": plots, "tokens": n_tokens,
-            "route": route, "status": status}
+            "route": route, "status": status, "legend": legend}
 
 
 def _check_drawn(seen: dict, page_url: str, expected_plots: int) -> None:
@@ -224,6 +226,7 @@ def _check_drawn(seen: dict, page_url: str, expected_plots: int) -> None:
             assert p["points"] >= 1, p
     assert seen["tokens"] > 0
     assert "position 3" in seen["route"] and "layer 1" in seen["route"]
+    assert "at layer 3:" in seen["legend"]  # the layer menu recoloured the tokens
 
 
 def test_demo_report_in_chromium(demo, tmp_path):
@@ -326,7 +329,8 @@ def test_agreement_needs_the_same_requests():
 
 def test_demo_report_vs_bfloat16_in_chromium(demo, tmp_path):
     out = tmp_path / "vs.html"
-    r = run("report", str(demo["f32"]), "--vs", str(demo["bf16"]), "--out", str(out))
+    r = run("report", demo["f32"].name, "--vs", demo["bf16"].name, "--ep-size", "4",
+            "--redundant", "4", "--out", str(out), cwd=demo["f32"].parent)
     assert r.returncode == 0, r.stderr
     html = out.read_text()
     assert "Agreement with --vs" in html
@@ -336,7 +340,8 @@ def test_demo_report_vs_bfloat16_in_chromium(demo, tmp_path):
     same = render_report(open_traces(demo["f32"]), source="a", vs=open_traces(demo["f32"]),
                          vs_source="a")
     assert "expert set differs</th><td><b>0.00%" in same
-    seen = open_in_chromium(out, tmp_path / "vs.png")
+    shots = Path(os.environ.get("ROUTECAP_SCREENSHOT_DIR", tmp_path))
+    seen = open_in_chromium(out, shots / "report-vs.png", sections=("agreement", "placement"))
     _check_drawn(seen, out.resolve().as_uri(), 10)
 
 

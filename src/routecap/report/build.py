@@ -6,7 +6,6 @@ import html
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -185,7 +184,7 @@ def write_report(path: str | os.PathLike, page: str) -> int:
     return len(data)
 
 
-def check_placement_args(num_experts: int, ep_size: int | None, redundant: int) -> Any:
+def check_placement_args(num_experts: int, ep_size: int | None, redundant: int) -> None:
     """Raise :class:`PlacementError` early (before reading every trace) for impossible sizes."""
     from ..placement import contiguous_placement
 
