@@ -421,7 +421,7 @@ def test_property_align_unalign_identity(case):
 
 # ---- the docstring examples of the align modules run as written -----------------------------------
 @pytest.mark.parametrize("name", ["routecap.align", "routecap.align_parallel", "routecap.align_export",
-                                  "routecap.analysis"])
+                                  "routecap.agreement"])
 def test_docstring_examples(name):
     import doctest
     import importlib
