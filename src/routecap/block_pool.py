@@ -212,7 +212,8 @@ class BlockPool:
         ``expected_refs[b]``: how many live table entries name block b (counted by the store).
         """
         free = self._free[:self._nfree]
-        assert len(set(free.tolist())) == free.size, "a block is on the free stack twice"
+        assert np.bincount(free, minlength=self.num_blocks).max(initial=0) <= 1, \
+            "a block is on the free stack twice"
         assert not self.in_use_mask[free].any(), "a free block is marked in use"
         assert not self._reserved, "a reservation outlived its call"
         assert int(self.in_use_mask.sum()) == self.in_use, "in-use count disagrees with the mask"

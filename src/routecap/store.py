@@ -52,7 +52,15 @@ from typing import Any
 import numpy as np
 
 from .block_pool import BlockPool
-from .store_rows import first_bad_cell
+from .store_rows import (
+    SEG_APPEND,
+    SEG_FAST,
+    SEG_SLOW,
+    classify_segments,
+    fast_runs,
+    first_bad_cell,
+    scatter_runs,
+)
 from .trace import RoutingTrace, id_dtype_for
 
 __all__ = ["PRESENT", "EVICTED", "NOT_WRITTEN", "PENDING", "RouteStore", "StoreError"]
@@ -149,11 +157,16 @@ class RouteStore:
         self.pool = BlockPool(num_blocks=num_blocks, block_size=P, num_layers=L, top_k=K,
                               dtype=self.dtype)
         self._reqs: dict[Hashable, _Request] = {}
+        self._slot_of: dict[Hashable, int] = {}
+        self._by_slot: list[_Request | None] = [None] * 64
         self._table_bytes = 0
         # per-request arrays by slot, for the vectorised step: length, tail block and generation
         self._len = np.zeros(64, np.int64)
         self._tail_b = np.full(64, -1, np.int64)
         self._tail_g = np.zeros(64, np.int64)
+        self._cap = np.zeros(64, np.int64)  # table capacity
+        self._mark = np.full(64, -1, np.int64)  # scratch for classify_segments
+        self._no_valid = np.zeros((1, L), np.bool_)
         self._free_slots: list[int] = list(range(63, -1, -1))
         self._waiting: dict[Hashable, dict[int, _Request]] = {}  # hash -> {slot: request}
         self.hash_conflicts = 0
@@ -241,6 +254,7 @@ class RouteStore:
         blocks[:cap] = req.blocks
         gens[:cap] = req.gens
         req.blocks, req.gens = blocks, gens
+        self._cap[req.slot] = new
 
     @staticmethod
     def _growth_bytes(req: _Request | None, need: int) -> int:
@@ -280,6 +294,9 @@ class RouteStore:
         req = _Request(key=request, slot=slot, prompt_len=int(prompt_len),
                        blocks=np.full(cap, _GAP, np.int64), gens=np.zeros(cap, np.int64))
         self._reqs[request] = req
+        self._slot_of[request] = slot
+        self._by_slot[slot] = req
+        self._cap[slot] = cap
         self._len[slot] = 0
         self._tail_b[slot] = -1
         return self._attach(req, hashes)
@@ -369,7 +386,9 @@ class RouteStore:
         self._len = np.concatenate([self._len, np.zeros(n, np.int64)])
         self._tail_b = np.concatenate([self._tail_b, np.full(n, -1, np.int64)])
         self._tail_g = np.concatenate([self._tail_g, np.zeros(n, np.int64)])
+        self._cap = np.concatenate([self._cap, np.zeros(n, np.int64)])
         self._free_slots.extend(range(2 * n - 1, n - 1, -1))
+        self._by_slot.extend([None] * n)
 
     # ---- writing ------------------------------------------------------------------------------
     def _check_rows(self, where: str, ids_NLK: Any, valid_NL: Any) -> None:
@@ -426,10 +445,9 @@ class RouteStore:
                 segments: Sequence[tuple[Hashable, int, int, int]], seek: bool) -> None:
         self._check_rows(where, ids_NLK, valid_NL)
         N = ids_NLK.shape[0]
-        reqs_by_key = self._reqs
         try:
             keys, starts_l, rows_l, ns_l = zip(*segments) if len(segments) else ((), (), (), ())
-            reqs = [reqs_by_key[k] for k in keys]
+            slots = np.array(list(map(self._slot_of.__getitem__, keys)), np.int64)
         except (KeyError, TypeError, ValueError):
             for seg in segments:
                 if not isinstance(seg, (tuple, list)) or len(seg) != 4:
@@ -437,106 +455,73 @@ class RouteStore:
                                      f"num_rows), got {seg!r}") from None
                 self._get(seg[0])
             raise StoreError(f"{where}: bad segments {segments!r}") from None
-        S = len(reqs)
+        S = len(keys)
         starts = _int_array(where, "start", starts_l)
         rows = _int_array(where, "first_row", rows_l)
         ns = _int_array(where, "num_rows", ns_l)
-        if S:
-            bad = np.flatnonzero((ns < 0) | (rows < 0) | (rows + ns > N) | (starts < 0))
-            if bad.size:
-                i = int(bad[0])
-                if starts[i] < 0:
-                    raise StoreError(f"{where}: segment of {keys[i]!r} starts at position "
-                                     f"{int(starts[i])}; expected >= 0")
+        pool, P = self.pool, self.block_size
+        kind = np.empty(S, np.int8)
+        lens = np.empty(S, np.int64)
+        if self._mark.shape[0] != self._len.shape[0]:
+            self._mark = np.full(self._len.shape[0], -1, np.int64)
+        bad = classify_segments(slots, starts, rows, ns, N, self._len, self._tail_b,
+                                self._tail_g, self._cap, pool.gen, pool.refs, pool.published,
+                                P, seek, kind, lens, self._mark)
+        if bad >= 0:
+            i, code = divmod(bad, 4)
+            if code == 1:
                 raise StoreError(f"{where}: segment of {keys[i]!r} names rows [{int(rows[i])}, "
                                  f"{int(rows[i] + ns[i])}) of a step of {N} rows")
-        slots = np.fromiter((r.slot for r in reqs), np.int64, S)
-        lens = self._len[slots]
-        # a request named by several segments: each continues where the one before ended
-        mark = np.full(self._len.shape[0], -1, np.int64)
-        mark[slots] = np.arange(S)
-        single = mark[slots] == np.arange(S)  # False for all but one segment of a repeated request
-        repeated = not single.all()
-        if repeated:
-            single = np.ones(S, np.bool_)
-            seen: dict[int, int] = {}
-            for i in range(S):
-                s = int(slots[i])
-                if s in seen:
-                    single[i] = single[seen[s]] = False
-                    lens[i] = int(starts[seen[s]] + ns[seen[s]])
-                seen[s] = i
-        if not seek:
-            off = np.flatnonzero(starts != lens)
-            if off.size:
-                i = int(off[0])
-                _raise_position(where, keys[i], int(lens[i]), int(starts[i]))
+            if code == 2:
+                raise StoreError(f"{where}: segment of {keys[i]!r} starts at position "
+                                 f"{int(starts[i])}; expected >= 0")
+            _raise_position(where, keys[i], int(lens[i]), int(starts[i]))
         self._check_cells(where, ids_NLK, valid_NL, rows, ns)
-        pool, P = self.pool, self.block_size
-        pool.tick()
-        # the fast path: each segment inside its request's private tail block
-        o = starts % P
-        tb = self._tail_b[slots]
-        fast = single & (starts == lens) & (o > 0) & (o + ns <= P) & (tb >= 0)
-        if fast.any():
-            tbf = tb[fast]
-            fast[fast] = ((pool.gen[tbf] == self._tail_g[slots[fast]]) & (pool.refs[tbf] == 1)
-                          & ~pool.published[tbf])
-        fast &= ns > 0
-        slow = np.flatnonzero(~fast & (ns > 0) | ~fast & (starts != lens))
-        d_first: list[np.ndarray] = []
-        s_first: list[np.ndarray] = []
-        counts: list[np.ndarray] = []
-        if fast.any():
-            fi = np.flatnonzero(fast)
-            d_first.append(self._tail_b[slots[fi]] * P + o[fi])
-            s_first.append(rows[fi])
-            counts.append(ns[fi])
-            pool.last_use[self._tail_b[slots[fi]]] = pool.clock
+        clock = pool.tick()
+        slow = np.flatnonzero(kind >= SEG_APPEND)  # appends and the rest: blocks to resolve
+        pieces = None
         if slow.size:
-            pinned = self._tail_b[slots[fi]] if fast.any() else np.zeros(0, np.int64)
-            pieces = self._resolve_slow(where, [reqs[i] for i in slow.tolist()], starts[slow],
-                                        rows[slow], ns[slow], lens[slow], pinned)
-            d_first.append(pieces[0])
-            s_first.append(pieces[1])
-            counts.append(pieces[2])
-        self._len[slots] = starts + ns  # in segment order: a repeated request ends at its last
-        if fast.any():
-            ends = (starts + ns)[fast] % P == 0
-            self._tail_b[slots[fast][ends]] = -1
-        if d_first:
-            self._scatter(ids_NLK, valid_NL, np.concatenate(d_first), np.concatenate(s_first),
-                          np.concatenate(counts))
-
-    def _scatter(self, ids_NLK: np.ndarray, valid_NL: np.ndarray | None, dst: np.ndarray,
-                 src: np.ndarray, cnt: np.ndarray) -> None:
-        """Pool rows ``dst[i] + r`` get step rows ``src[i] + r`` for ``r < cnt[i]`` (one copy)."""
-        total = int(cnt.sum())
-        if total == len(cnt):
-            d, s = dst, src
-        else:
-            first = np.repeat(np.cumsum(cnt) - cnt, cnt)
-            run = np.arange(total) - first
-            d = np.repeat(dst, cnt) + run
-            s = np.repeat(src, cnt) + run
-        pool = self.pool
-        rows_v = pool.ids_rows.view(self._row_dtype).reshape(-1)
-        step = np.ascontiguousarray(ids_NLK).reshape(ids_NLK.shape[0], -1)
-        step_v = step.view(self._row_dtype).reshape(-1)
-        if s.shape[0] == step_v.shape[0] and (s[0] == 0 if s.size else True) and (
-                s.size < 2 or (np.diff(s) == 1).all()):
-            rows_v[d] = step_v  # the step's rows in order: no gather
-        else:
-            rows_v[d] = step_v[s]
-        if valid_NL is None:
-            pool.valid_rows[d] = True
-        else:
-            pool.valid_rows[d] = valid_NL[s]
+            # plan and reserve first (a refusal changes nothing), then resolve tables
+            fast_tails = self._tail_b[slots[kind == SEG_FAST]]
+            by_slot = self._by_slot
+            ai = slow[kind[slow] == SEG_APPEND]
+            si = slow[kind[slow] == SEG_SLOW]
+            pieces = self._resolve_slow(where, [by_slot[i] for i in slots[si].tolist()],
+                                        starts[si], rows[si], ns[si], lens[si], fast_tails,
+                                        [by_slot[i] for i in slots[ai].tolist()], starts[ai],
+                                        rows[ai], ns[ai])
+        d = np.empty(S, np.int64)
+        s_ = np.empty(S, np.int64)
+        c = np.empty(S, np.int64)
+        k = fast_runs(kind, slots, starts, rows, ns, self._tail_b, P, self._len, pool.last_use,
+                      clock, d, s_, c)
+        if pieces is not None:
+            d = np.concatenate([d[:k], pieces[0]])
+            s_ = np.concatenate([s_[:k], pieces[1]])
+            c = np.concatenate([c[:k], pieces[2]])
+            k = d.shape[0]
+            for bs, r0 in pieces[3]:  # whole blocks from contiguous step rows: block copies
+                nb = bs.shape[0]
+                pool.ids[bs] = ids_NLK[r0:r0 + nb * P].reshape(nb, P, *ids_NLK.shape[1:])
+                pool.valid[bs] = True if valid_NL is None else valid_NL[r0:r0 + nb * P].reshape(
+                    nb, P, -1)
+        if k:
+            step = ids_NLK.reshape(N, -1)
+            has_valid = valid_NL is not None
+            scatter_runs(pool.ids_rows, step, pool.valid_rows,
+                         valid_NL if has_valid else self._no_valid, has_valid, d[:k], s_[:k],
+                         c[:k])
 
     def _resolve_slow(self, where: str, reqs: list[_Request], starts: np.ndarray,
                       rows: np.ndarray, ns: np.ndarray, lens: np.ndarray,
-                      pinned_fast: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Segments that need blocks resolved (new, copied, truncated, gaps): plan, reserve, do."""
+                      pinned_fast: np.ndarray, app_reqs: list[_Request], app_starts: np.ndarray,
+                      app_rows: np.ndarray, app_ns: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[np.ndarray, int]]]:
+        """Segments that need blocks: plan all, reserve once, then resolve.
+
+        ``app_*``: segments that start a fresh block at their table's end (one block each).
+        The rest may copy on write, cut, leave gaps or span blocks.
+        """
         pool, P = self.pool, self.block_size
         need = 0
         growth: dict[int, int] = {}
@@ -569,11 +554,29 @@ class RouteStore:
         table_growth = sum(self._growth_bytes(r, growth[r.slot]) for r in
                            {r.slot: r for r in reqs}.values())
         pinned = np.unique(np.concatenate([pinned_fast, np.asarray(pins, np.int64)]))
-        self._make_room(where, need, table_growth, pinned)
+        self._make_room(where, need + len(app_reqs), table_growth, pinned)
         dst: list[int] = []
         src: list[int] = []
         cnt: list[int] = []
+        bulk: list[tuple[np.ndarray, int]] = []  # whole blocks: (blocks, first step row)
         try:
+            if app_reqs:
+                bs = pool.take_many(len(app_reqs))
+                gs = pool.gen[bs]
+                js = app_starts // P
+                for req, b, g, j in zip(app_reqs, bs.tolist(), gs.tolist(), js.tolist()):
+                    req.blocks[req.nblocks:j] = _GAP
+                    req.blocks[j] = b
+                    req.gens[j] = g
+                    req.nblocks = j + 1
+                slots = np.fromiter((r.slot for r in app_reqs), np.int64, len(app_reqs))
+                self._len[slots] = app_starts + app_ns
+                open_ = (app_ns < P)
+                self._tail_b[slots] = np.where(open_, bs, -1)
+                self._tail_g[slots] = gs
+                dst.extend((bs * P).tolist())
+                src.extend(app_rows.tolist())
+                cnt.extend(app_ns.tolist())
             for req, start, row, n, length in zip(reqs, starts.tolist(), rows.tolist(),
                                                   ns.tolist(), lens.tolist(), strict=True):
                 self._grow(req, growth[req.slot])
@@ -586,6 +589,17 @@ class RouteStore:
                 pos, end = start, start + n
                 while pos < end:
                     j, off = divmod(pos, P)
+                    if not off and j >= req.nblocks and end - pos >= P:
+                        # whole fresh blocks past the table (prefill chunks): all at once
+                        k = (end - pos) // P
+                        bs = pool.take_many(k)
+                        req.blocks[req.nblocks:j] = _GAP
+                        req.blocks[j:j + k] = bs
+                        req.gens[j:j + k] = pool.gen[bs]
+                        req.nblocks = j + k
+                        bulk.append((bs, row + pos - start))
+                        pos += k * P
+                        continue
                     m = min(P - off, end - pos)
                     b = self._writable(req, j, length)
                     dst.append(b * P + off)
@@ -601,7 +615,8 @@ class RouteStore:
                     self._sync_tail(req, start)
         finally:
             pool.unreserve()
-        return (np.asarray(dst, np.int64), np.asarray(src, np.int64), np.asarray(cnt, np.int64))
+        return (np.asarray(dst, np.int64), np.asarray(src, np.int64), np.asarray(cnt, np.int64),
+                bulk)
 
     def _sync_tail(self, req: _Request, length: int) -> None:
         j, o = divmod(length, self.block_size)
@@ -757,6 +772,8 @@ class RouteStore:
         req = self._get(request)
         self._drop_entries(req, 0)
         del self._reqs[request]
+        del self._slot_of[request]
+        self._by_slot[req.slot] = None
         self._table_bytes -= _REQUEST_BYTES + req.capacity * _ENTRY_BYTES
         self._free_slots.append(req.slot)
         self.pool.limit = self._limit_for(self._table_bytes)
@@ -908,6 +925,8 @@ def _capacity_for(n: int) -> int:
 
 
 def _int_array(where: str, name: str, values: Sequence[Any]) -> np.ndarray:
+    if set(map(type, values)) <= {int}:  # the common case, without numpy's type inference
+        return np.fromiter(values, np.int64, len(values))
     arr = np.asarray(values)
     if arr.size and (arr.dtype.kind not in "iu" or arr.ndim != 1):
         bad = next((v for v in values if not _is_int(v)), values[0])

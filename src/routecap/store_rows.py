@@ -125,3 +125,127 @@ def first_bad_cell(ids_NLK: np.ndarray, valid_NL: np.ndarray | None, first_N: np
     cells = ids_NLK.reshape(N * L, K)
     E = min(int(num_experts), int(np.iinfo(ids_NLK.dtype).max) + 1)
     return int(_first_bad_general(cells, valid, has_valid, first, count, L, E))
+
+
+#: :func:`classify_segments` kinds
+SEG_NOOP, SEG_FAST, SEG_APPEND, SEG_SLOW = 0, 1, 2, 3
+
+
+def classify_segments_reference(slots, starts, rows, ns, num_rows, lens_by_slot, tail_b, tail_g,
+                                cap, gen, refs, published, block_size, seek, kind, lens,
+                                mark):  # noqa: PLR0913
+    """Check a step's segments and sort them by what storing them takes (see the compiled twin).
+
+    Fills ``kind[i]`` (:data:`SEG_FAST`: inside the request's private tail block;
+    :data:`SEG_APPEND`: a fresh block at the table's end; :data:`SEG_SLOW`: anything else that
+    changes the request; :data:`SEG_NOOP`) and ``lens[i]`` (the request's length before the
+    segment: a request named twice continues where its previous segment ended). Returns -1, or
+    ``i * 4 + code`` for the first bad segment i: code 1 rows out of the step, 2 negative start,
+    3 start is not the length (without ``seek``). ``mark`` is scratch, one entry per slot, -1.
+    """
+    S = slots.shape[0]
+    P = block_size
+    for i in range(S):
+        if ns[i] < 0 or rows[i] < 0 or rows[i] + ns[i] > num_rows:
+            return i * 4 + 1
+        if starts[i] < 0:
+            return i * 4 + 2
+    repeated = False
+    for i in range(S):
+        s = slots[i]
+        if mark[s] >= 0:
+            repeated = True
+            p = mark[s]
+            lens[i] = starts[p] + ns[p]
+        else:
+            lens[i] = lens_by_slot[s]
+        mark[s] = i
+    for i in range(S):
+        if not seek and starts[i] != lens[i]:
+            for k in range(S):
+                mark[slots[k]] = -1
+            return i * 4 + 3
+    for i in range(S):
+        s = slots[i]
+        single = True
+        if repeated:
+            single = mark[s] == i and lens[i] == lens_by_slot[s]
+            if single:  # the last segment of its request: is it also the first?
+                for k in range(i):
+                    if slots[k] == s:
+                        single = False
+                        break
+        n = ns[i]
+        st = starts[i]
+        o = st % P
+        if n == 0:
+            kind[i] = SEG_NOOP if st == lens[i] else SEG_SLOW
+        elif not single or st != lens[i]:
+            kind[i] = SEG_SLOW
+        elif o > 0 and o + n <= P and tail_b[s] >= 0:
+            b = tail_b[s]
+            if gen[b] == tail_g[s] and refs[b] == 1 and not published[b]:
+                kind[i] = SEG_FAST
+            else:
+                kind[i] = SEG_SLOW
+        elif o == 0 and n <= P and st // P < cap[s]:
+            kind[i] = SEG_APPEND
+        else:
+            kind[i] = SEG_SLOW
+    for k in range(S):
+        mark[slots[k]] = -1
+    return -1
+
+
+if _HAVE_NUMBA:
+    classify_segments = _nb.njit(cache=True, nogil=True)(classify_segments_reference)
+else:  # pragma: no cover
+    classify_segments = classify_segments_reference
+
+
+def fast_runs_reference(kind, slots, starts, rows, ns, tail_b, block_size, len_by_slot,
+                        last_use, clock, d_out, s_out, n_out):
+    """Runs for the :data:`SEG_FAST` segments, committing their lengths (and tails, LRU clock).
+
+    Writes ``(first pool row, first step row, rows)`` of each into ``d_out``/``s_out``/``n_out``
+    and returns how many.
+    """
+    P = block_size
+    k = 0
+    for i in range(kind.shape[0]):
+        if kind[i] != SEG_FAST:
+            continue
+        s = slots[i]
+        b = tail_b[s]
+        d_out[k] = b * P + starts[i] % P
+        s_out[k] = rows[i]
+        n_out[k] = ns[i]
+        k += 1
+        end = starts[i] + ns[i]
+        len_by_slot[s] = end
+        if end % P == 0:
+            tail_b[s] = -1
+        last_use[b] = clock
+    return k
+
+
+def scatter_runs_reference(dst_rows, src_rows, dst_valid, src_valid, has_valid, d, s, n):
+    """``dst_rows[d[i] + r] = src_rows[s[i] + r]`` for ``r < n[i]`` (and the validity mask)."""
+    W = src_rows.shape[1]
+    L = dst_valid.shape[1]
+    for i in range(d.shape[0]):
+        for r in range(n[i]):
+            a = d[i] + r
+            b = s[i] + r
+            for c in range(W):
+                dst_rows[a, c] = src_rows[b, c]
+            for c in range(L):
+                dst_valid[a, c] = src_valid[b, c] if has_valid else True
+
+
+if _HAVE_NUMBA:
+    fast_runs = _nb.njit(cache=True, nogil=True)(fast_runs_reference)
+    scatter_runs = _nb.njit(cache=True, nogil=True)(scatter_runs_reference)
+else:  # pragma: no cover
+    fast_runs = fast_runs_reference
+    scatter_runs = scatter_runs_reference
