@@ -9,6 +9,7 @@ from scheduler_sim import budget_bytes, simulate
 from routecap.store import (
     _ENTRY_BYTES,
     _REQUEST_BYTES,
+    _WAIT_BYTES,
     EVICTED,
     NOT_WRITTEN,
     PENDING,
@@ -30,17 +31,19 @@ def firsts(trace):
     return trace.to_numpy()[:, 0, 0].tolist()
 
 
-def budget(blocks, requests=1, entries=4):
-    """A budget of exactly ``blocks`` blocks next to the tables of ``requests`` small requests."""
+def budget(blocks, requests=1, entries=4, waits=0):
+    """A budget of exactly ``blocks`` blocks next to the tables of ``requests`` small requests
+    (and ``waits`` entries waiting on a hash)."""
     bb = store().block_bytes
-    tables = requests * (_REQUEST_BYTES + entries * _ENTRY_BYTES)
+    tables = requests * (_REQUEST_BYTES + entries * _ENTRY_BYTES) + waits * _WAIT_BYTES
     return (blocks + -(-tables // bb)) * bb
 
 
-def hold(s, n):
+def hold(s, n, waits=0):
     """Add n idle requests, so that the block tables take a fixed share of the budget."""
     for i in range(n):
-        s.add_request(f"idle{i}", prompt_len=0)
+        s.add_request(f"idle{i}", prompt_len=0, num_cached_tokens=waits * P,
+                      block_hashes=[f"never{j}" for j in range(waits)])
 
 
 def store(**kw):
@@ -131,8 +134,8 @@ def test_request_aborted():
 def test_eviction_makes_routes_missing_never_wrong():
     # a budget of 3 blocks: a's two published blocks are evicted when b needs room; c's
     # prefix hit on them then finds nothing and its cached positions are missing
-    s = store(budget_bytes=budget(3, requests=2))
-    hold(s, 1)  # the idle request and a, then b, then b and c: two requests at every step
+    s = store(budget_bytes=budget(3, requests=2, waits=2))
+    hold(s, 1, waits=2)  # idle and a, then b, then b and c (two waits): the same tables
     s.add_request("a", prompt_len=8)
     assert s.pool.limit == 3
     s.write("a", 0, rows(*range(1, 9)))
@@ -341,3 +344,193 @@ def test_bad_hash_and_bad_ids_change_nothing():
     with pytest.raises(StoreError, match=r"expected expert ids in \[0, 128\), got \[200, 201\] at step row 0"):
         s.write("a", 4, rows(200))
     assert s.length("a") == 4 and firsts(s.take("a")) == [1, 2, 3, 4]
+
+
+# ---- issue 12: the store's correctness risks, each failing on the code before the fix ----------
+def test_same_step_prefix_hit_waits_for_the_publish():
+    # vLLM marks a's block cached when a is scheduled; b (the second sample of the same prompt)
+    # is admitted in the same step and hits it before a's rows arrive: the natural order is
+    # add a, add b, ingest, publish. b's hit waits on the hash and is linked at the publish.
+    s = store()
+    s.add_request("a", prompt_len=5)
+    assert s.add_request("b", prompt_len=5, num_cached_tokens=4, block_hashes=["h0"]) == 0
+    assert s.coverage("b").tolist() == [PENDING] * 4
+    s.ingest(rows(1, 2, 3, 4, 9), None, [("a", 0, 0, 5), ("b", 4, 4, 1)])
+    s.publish("a", ["h0"])
+    assert firsts(s.take("b")) == [1, 2, 3, 4, 9] and s.take("b").missing is None
+    assert s.coverage("b").tolist() == [PRESENT] * 5
+    s.free("a")
+    assert firsts(s.take("b")) == [1, 2, 3, 4, 9]  # the shared block lives on with b
+    s.check_invariants()
+
+
+def test_hash_published_twice_with_different_rows_is_detected():
+    # two requests publish different routes under one hash (a hash that is not a chained content
+    # hash): neither may read the other's routes; the conflict is counted, or raised if strict
+    for strict in (False, True):
+        s = store(strict_hashes=strict)
+        for rid, first in (("a", 1), ("b", 50)):
+            s.add_request(rid, prompt_len=4)
+            s.write(rid, 0, rows(first, first + 1, first + 2, first + 3))
+        s.publish("a", ["h0"])
+        if strict:
+            with pytest.raises(StoreError, match="published before with different routes"):
+                s.publish("b", ["h0"])
+        else:
+            s.publish("b", ["h0"])
+            assert s.hash_conflicts == 1
+        assert firsts(s.take("a")) == [1, 2, 3, 4]
+        assert firsts(s.take("b")) == [50, 51, 52, 53]
+        s.check_invariants()
+
+
+def test_unhashable_block_hash_registers_nothing():
+    # a tuple holding a list passes isinstance(h, Hashable) but hash(h) raises
+    s = store()
+    with pytest.raises(StoreError, match="block hashes must be hashable"):
+        s.add_request("b", prompt_len=4, num_cached_tokens=4, block_hashes=[(["x"], 1)])
+    assert "b" not in s
+    s.add_request("b", prompt_len=4)  # a retry does not say it exists
+
+
+def test_publish_checks_every_hash_before_publishing_any():
+    s = store()
+    s.add_request("a", prompt_len=8)
+    s.write("a", 0, rows(*range(1, 9)))
+    with pytest.raises(StoreError, match="block hashes must be hashable"):
+        s.publish("a", ["h0", (["x"], 1)])
+    assert s.add_request("c", prompt_len=5, num_cached_tokens=4, block_hashes=["h0"]) == 0
+    s.publish("a", ["h0", "h1"])  # the retry publishes both
+    assert firsts(s.take("c")) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("bad", [2.0, 1.5, True, "2"])
+def test_non_integer_segment_fields_are_refused(bad):
+    s = store()
+    s.add_request("a", prompt_len=2)
+    for seg in (("a", 0, 0, bad), ("a", bad, 0, 2), ("a", 0, bad, 2)):
+        with pytest.raises(StoreError, match="to be an int"):
+            s.ingest(rows(1, 2, 3), None, [seg])
+    assert s.length("a") == 0
+    s.ingest(rows(1, 2, 3), None, [("a", 0, 0, 2)])
+    assert firsts(s.take("a")) == [1, 2]
+
+
+def test_repeated_expert_id_is_refused_when_written():
+    s = store()
+    s.add_request("a", prompt_len=3)
+    bad = np.array([[[1, 2]], [[7, 7]], [[3, 4]]], np.uint8)
+    with pytest.raises(StoreError, match=r"expected 2 distinct expert ids in each row, got "
+                       r"\[7, 7\] at step row 1, layer 0"):
+        s.write("a", 0, bad)
+    assert s.length("a") == 0
+    # the same row in a cell marked invalid is not a route: stored as missing
+    s.write("a", 0, bad, np.array([[True], [False], [True]]))
+    assert firsts(s.take("a")) == [1, -1, 3]
+
+
+def test_padding_rows_are_ignored_not_checked():
+    s = store()
+    s.add_request("a", prompt_len=2)
+    step = np.array([[[1, 2]], [[255, 255]], [[3, 4]]], np.uint8)  # row 1: padding, garbage
+    s.ingest(step, None, [("a", 0, 0, 1), ("a", 1, 2, 1)])
+    assert firsts(s.take("a")) == [1, 3]
+
+
+def test_bad_arguments_raise_store_error():
+    s = store()
+    s.add_request("a", prompt_len=2)
+    s.write("a", 0, rows(1, 2))
+    calls = [
+        lambda: s.add_request("b", prompt_len="3"),
+        lambda: s.add_request("b", prompt_len=1, num_cached_tokens=4, block_hashes=5),
+        lambda: s.add_request(["unhashable"], prompt_len=1),
+        lambda: s.publish("a", 5),
+        lambda: s.ingest(rows(1), None, [("a", 2, 0)]),
+        lambda: s.ingest(rows(1), None, [("zz", 2, 0, 1)]),
+        lambda: s.ingest(rows(1), np.ones((1, 1), np.int8), [("a", 2, 0, 1)]),
+        lambda: s.write("a", 2, [[[1, 2]]]),
+        lambda: s.truncate("a", 1.0),
+        lambda: s.coverage("a", 0.5),
+        lambda: s.take("a", 0, 2, token_ids=np.array(["x", "y"])),
+        lambda: s.take("a", -1),
+        lambda: RouteStore(num_experts=8, moe_layers=[0], top_k=2, block_size=2.5),
+        lambda: RouteStore(num_experts=8, moe_layers=None, top_k=2),
+    ]
+    for call in calls:
+        with pytest.raises(StoreError):
+            call()
+    assert firsts(s.take("a")) == [1, 2] and "b" not in s
+
+
+def test_a_write_the_budget_cannot_hold_changes_nothing():
+    # three blocks: a holds two, b's 12 rows need three; only a's block 0 may be evicted (block 1
+    # is written by this very step), which is not enough: the step is refused whole, a's
+    # segment included, and nothing is evicted
+    s = store(budget_bytes=budget(3, requests=2))
+    s.add_request("a", prompt_len=8)
+    s.write("a", 0, rows(1, 2, 3, 4, 5))
+    s.add_request("b", prompt_len=8)
+    before = (firsts(s.take("a")), s.blocks_in_use, s.evictions)
+    with pytest.raises(StoreError, match="cannot hold what this call needs"):
+        s.ingest(rows(6, 7, 8, *range(20, 32)), None, [("a", 5, 0, 3), ("b", 0, 3, 12)])
+    assert (firsts(s.take("a")), s.blocks_in_use, s.evictions) == before
+    assert s.length("b") == 0
+    s.check_invariants()
+
+
+def test_budget_covers_the_block_tables():
+    # 2,000 requests whose prefix hits find nothing held 18 MiB of tables under a 1 MiB budget
+    # while nbytes said 0. Now the tables are part of the budget: what the process allocates
+    # for them stays within it, and a request that does not fit is refused with a StoreError.
+    import tracemalloc
+
+    hashes = [[f"h{i}.{j}" for j in range(16)] for i in range(2_000)]
+    tracemalloc.start()
+    try:
+        s = store(budget_bytes=1 << 20)
+        refused = 0
+        for i in range(2_000):
+            try:
+                s.add_request(f"r{i}", prompt_len=64, num_cached_tokens=64,
+                              block_hashes=hashes[i])
+            except StoreError as e:
+                assert "cannot hold" in str(e)
+                refused += 1
+            assert s.nbytes <= s.budget_bytes
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused > 0 and len(s) + refused == 2_000
+    assert peak <= s.budget_bytes, (peak, s.budget_bytes)
+    s.check_invariants()
+
+
+def test_restart_releases_every_block():
+    s = store()
+    s.add_request("a", prompt_len=10)
+    s.write("a", 0, rows(*range(1, 11)))
+    s.publish("a", ["h0", "h1"])
+    for cached in (8, 4, 0, 8):
+        s.restart("a", num_cached_tokens=cached, block_hashes=["h0", "h1"])
+        s.write("a", cached, rows(*range(40, 50 - cached)))
+        s.check_invariants()
+    s.free("a")
+    assert s.blocks_in_use == 2  # the two published blocks, cached; nothing else
+    s.check_invariants()
+
+
+def test_seek_write_restarts_and_gaps_read_missing():
+    # what a KV-cache-column binding needs: a write at an earlier position drops what followed
+    # (a cropped cache), a write past the end leaves a gap that reads missing
+    s = store()
+    s.add_request("a", prompt_len=0)
+    s.write("a", 0, rows(1, 2, 3, 4, 5, 6))
+    s.write("a", 3, rows(30, 31), seek=True)
+    assert firsts(s.take("a")) == [1, 2, 3, 30, 31]
+    s.write("a", 9, rows(90), seek=True)
+    assert firsts(s.take("a")) == [1, 2, 3, 30, 31, -1, -1, -1, -1, 90]
+    assert s.coverage("a").tolist() == [PRESENT] * 5 + [NOT_WRITTEN] * 4 + [PRESENT]
+    s.write("a", 2, rows(20), seek=True)
+    assert firsts(s.take("a")) == [1, 2, 20]
+    s.check_invariants()

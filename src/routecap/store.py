@@ -74,6 +74,7 @@ _WAIT = -3  # a prefix-cache hit on a hash not published yet
 _BLOCK_BOOKKEEPING = 128  # per block beyond ids/mask/lost: generation, refs, clock, flags, hash index
 _REQUEST_BYTES = 512  # per request: its record, dict entry and array headers (an upper bound)
 _ENTRY_BYTES = 16  # per block-table slot: block (int64) and generation (int64)
+_WAIT_BYTES = 512  # per entry waiting on a hash: its place in two dicts (an upper bound)
 
 
 class StoreError(KeyError, ValueError):
@@ -285,8 +286,8 @@ class RouteStore:
                              f"{prompt_len!r}")
         hashes = self._check_cached(where, num_cached_tokens, block_hashes)
         nb = len(hashes)
-        self._make_room(where, 0, _REQUEST_BYTES + self._growth_bytes(None, max(nb, 1)),
-                        np.zeros(0, np.int64))
+        self._make_room(where, 0, _REQUEST_BYTES + self._growth_bytes(None, max(nb, 1))
+                        + self._wait_bytes(hashes), np.zeros(0, np.int64))
         if not self._free_slots:
             self._grow_slots()
         slot = self._free_slots.pop()
@@ -307,7 +308,8 @@ class RouteStore:
         req = self._get(request)
         where = f"restart({request!r})"
         hashes = self._check_cached(where, num_cached_tokens, block_hashes)
-        self._make_room(where, 0, self._growth_bytes(req, len(hashes)), np.zeros(0, np.int64))
+        self._make_room(where, 0, self._growth_bytes(req, len(hashes)) + self._wait_bytes(hashes),
+                        np.zeros(0, np.int64))
         self._drop_entries(req, 0)
         self._len[req.slot] = 0
         req.published = 0
@@ -338,6 +340,10 @@ class RouteStore:
             except TypeError:
                 raise StoreError(f"{where}: block hashes must be hashable, got "
                                  f"{type(h).__name__} {h!r} at block {j}") from None
+
+    def _wait_bytes(self, hashes: list[Hashable]) -> int:
+        by_hash = self.pool.by_hash
+        return _WAIT_BYTES * sum(h not in by_hash for h in hashes)
 
     def _attach(self, req: _Request, hashes: list[Hashable]) -> int:
         pool, P = self.pool, self.block_size
@@ -374,6 +380,8 @@ class RouteStore:
 
     def _cancel_wait(self, req: _Request, j: int) -> None:
         h = req.waits.pop(j)
+        self._table_bytes -= _WAIT_BYTES
+        self.pool.limit = self._limit_for(self._table_bytes)
         if not any(h2 == h for h2 in req.waits.values()):
             waiters = self._waiting.get(h)
             if waiters is not None:
@@ -742,9 +750,11 @@ class RouteStore:
         for req in waiters.values():
             for j in [j for j, h2 in req.waits.items() if h2 == h]:
                 del req.waits[j]
+                self._table_bytes -= _WAIT_BYTES
                 pool.ref(b)
                 req.blocks[j] = b
                 req.gens[j] = pool.gen[b]
+        pool.limit = self._limit_for(self._table_bytes)
 
     def truncate(self, request: Hashable, length: int) -> None:
         """Forget positions ``>= length`` (e.g. rejected speculative tokens)."""
@@ -882,7 +892,8 @@ class RouteStore:
         for key, req in self._reqs.items():
             assert req.slot not in slots, f"slot {req.slot} used twice"
             slots.add(req.slot)
-            table_bytes += _REQUEST_BYTES + req.capacity * _ENTRY_BYTES
+            table_bytes += (_REQUEST_BYTES + req.capacity * _ENTRY_BYTES
+                            + _WAIT_BYTES * len(req.waits))
             length = int(self._len[req.slot])
             assert req.nblocks <= -(-length // P), (key, length, req.nblocks)
             b = req.blocks[:req.nblocks]
