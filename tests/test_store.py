@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scheduler_sim import budget_bytes, simulate
 
 from routecap.store import (
@@ -534,3 +536,107 @@ def test_seek_write_restarts_and_gaps_read_missing():
     s.write("a", 2, rows(20), seek=True)
     assert firsts(s.take("a")) == [1, 2, 20]
     s.check_invariants()
+
+
+# ---- property: random call sequences against a brute-force reference -----------------------------
+def _true_row(group, pos):
+    """Routes are a function of the prompt group and position (so (group, block) is a chained
+    content hash): two distinct ids < 128."""
+    a = (group * 37 + pos * 11) % 127
+    return [a, a + 1]
+
+
+class _Reference:
+    """What the store must return: a list per request of rows (None = missing)."""
+
+    def __init__(self):
+        self.reqs = {}  # rid -> (group, rows list, {block: hash} pending)
+        self.published = set()
+
+    def attach(self, rid, group, k):
+        rows, pending = [], {}
+        for j in range(k):
+            h = (group, j)
+            for p in range(j * P, (j + 1) * P):
+                rows.append(_true_row(group, p) if h in self.published else None)
+            if h not in self.published:
+                pending[j] = h
+        self.reqs[rid] = (group, rows, pending)
+
+    def publish(self, rid):
+        group, rows, _ = self.reqs[rid]
+        for j in range(len(rows) // P):
+            if all(r is not None for r in rows[j * P:(j + 1) * P]):
+                self.published.add((group, j))
+        for _, (g, rws, pending) in self.reqs.items():
+            for j, h in list(pending.items()):
+                if h in self.published:
+                    del pending[j]
+                    for p in range(j * P, min((j + 1) * P, len(rws))):
+                        rws[p] = _true_row(g, p)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3), st.integers(0, 2),
+                              st.integers(0, 9)), max_size=40),
+       tight=st.booleans())
+def test_random_calls_match_a_reference(ops, tight):
+    # tight: a small budget, where evictions make cells missing: every returned cell is then the
+    # true route or missing; otherwise the store must equal the reference exactly
+    s = store(budget_bytes=budget(6, requests=4, entries=8, waits=8) if tight else 1 << 22)
+    ref = _Reference()
+    for op, r, group, n in ops:
+        rid = f"r{r}"
+        try:
+            if rid not in ref.reqs:
+                k = min(n % 3, 2)
+                s.add_request(rid, prompt_len=1, num_cached_tokens=k * P,
+                              block_hashes=[(group, j) for j in range(k)])
+                ref.attach(rid, group, k)
+                continue
+            g, rows_, pending = ref.reqs[rid]
+            length = len(rows_)
+            if op in (0, 1):  # write n rows at the length (seek: maybe past it, or before it)
+                start = length if op == 0 else max(0, length + (n % 5) - 2)
+                new = [_true_row(g, p) for p in range(start, start + n)]
+                s.write(rid, start, rows(*[x[0] for x in new]), seek=op == 1)
+                del rows_[start:]
+                rows_.extend([None] * (start - len(rows_)))
+                rows_.extend(new)
+                for j in [j for j in pending if j * P >= start]:
+                    del pending[j]
+                for j in [j for j in pending if j * P < start < (j + 1) * P]:
+                    del pending[j]  # written into: the cached rows before start are lost
+                    rows_[j * P:start] = [None] * (start - j * P)
+            elif op == 2:
+                t = n % (length + 1)
+                s.truncate(rid, t)
+                del rows_[t:]
+                for j in [j for j in pending if j * P >= t]:
+                    del pending[j]  # (a block cut in the middle keeps waiting for its rows < t)
+            elif op == 3:
+                s.publish(rid, [(g, j) for j in range(8)])
+                ref.publish(rid)
+            elif op == 4:
+                k = min(n % 3, 2)
+                s.restart(rid, num_cached_tokens=k * P, block_hashes=[(g, j) for j in range(k)])
+                ref.attach(rid, g, k)
+            elif op == 5:
+                s.free(rid)
+                del ref.reqs[rid]
+            else:
+                got = s.take(rid).to_numpy()[:, 0].tolist()
+                want = [[-1, -1] if x is None else x for x in rows_]
+                if tight:
+                    assert all(gr == w or gr == [-1, -1] for gr, w in zip(got, want, strict=True))
+                else:
+                    assert got == want
+        except StoreError as e:
+            assert tight and "cannot hold" in str(e), e
+        s.check_invariants()
+    for rid, (_, rows_, _) in ref.reqs.items():
+        got = s.take(rid).to_numpy()[:, 0].tolist()
+        want = [[-1, -1] if x is None else x for x in rows_]
+        assert len(got) == len(want)
+        if not tight:
+            assert got == want, rid
