@@ -3,7 +3,8 @@
 Shapes of Qwen3-30B-A3B's router (48 MoE layers, top-8 of 128 experts: one byte per id). Two step
 mixes, measured side by side in one run (interleaved repeats, median):
 
-* decode: 256 requests, one row each (256 segments per step);
+* decode: 256 requests, one row each (256 segments per step), with the segments as a list of
+  tuples (``ingest``) and as integer arrays (``ingest_arrays``: no Python per segment);
 * prefill: 4 requests, 2048-row chunks (8192 rows per step);
 
 and ``take`` of one 32,768-token request (the whole trace, as a trainer reads it).
@@ -42,6 +43,23 @@ def bench_decode(rng, batch, steps):
     step = _step(rng, batch)
     return _side_by_side(step, steps, lambda s: (
         store.ingest, [(r, s, r, 1) for r in range(batch)]))
+
+
+def bench_decode_arrays(rng, batch, steps):
+    """The same decode steps through ingest_arrays: segments as integer arrays."""
+    store = RouteStore(num_experts=E, moe_layers=range(L), top_k=K, block_size=BLOCK,
+                       budget_bytes=2 << 30)
+    for r in range(batch):
+        store.add_request(r, prompt_len=1)
+    handles = np.array([store.handle(r) for r in range(batch)], np.int64)
+    rows = np.arange(batch, dtype=np.int64)
+    ones = np.ones(batch, np.int64)
+    step = _step(rng, batch)
+
+    def ingest(ids, valid, starts):
+        store.ingest_arrays(ids, valid, handles, starts, rows, ones)
+
+    return _side_by_side(step, steps, lambda s: (ingest, np.full(batch, s, np.int64)))
 
 
 def _side_by_side(step, steps, prepare):
@@ -112,6 +130,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"router shape: L={L} MoE layers, top-{K} of E={E} (uint8), block {BLOCK} tokens")
     report("decode: 256 requests x 1 row", *bench_decode(rng, 256, args.repeats * 4))
+    report("decode, ingest_arrays: 256 x 1 row", *bench_decode_arrays(rng, 256, args.repeats * 4))
     report("prefill: 4 requests x 2048 rows", *bench_prefill(rng, 4, 2048, args.repeats))
     report("take: 1 request x 32768 tokens", *bench_take(rng, 32768, args.repeats))
 

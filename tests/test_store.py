@@ -199,6 +199,27 @@ def test_ingest_one_step_of_several_requests():
     assert firsts(s.take("a")) == [1, 2, 3] and firsts(s.take("b")) == [8, 7]
 
 
+def test_ingest_arrays_matches_ingest_and_refuses_stale_handles():
+    s = store()
+    s.add_request("a", prompt_len=3)
+    s.add_request("b", prompt_len=2)
+    ha, hb = s.handle("a"), s.handle("b")
+    step = rows(1, 2, 3, 9, 8, 7)
+    s.ingest_arrays(step, None, np.array([ha, hb]), np.array([0, 0]), np.array([0, 4]),
+                    np.array([3, 2]))
+    assert firsts(s.take("a")) == [1, 2, 3] and firsts(s.take("b")) == [8, 7]
+    s.free("a")
+    s.add_request("c", prompt_len=1)  # reuses a's slot: a's handle must not reach c
+    with pytest.raises(StoreError, match="names no request"):
+        s.ingest_arrays(rows(5), None, np.array([ha]), np.array([3]), np.array([0]),
+                        np.array([1]))
+    with pytest.raises(StoreError, match="1-D integer array"):
+        s.ingest_arrays(rows(5), None, np.array([hb]), np.array([2.0]), np.array([0]),
+                        np.array([1]))
+    assert s.length("c") == 0 and firsts(s.take("b")) == [8, 7]
+    s.check_invariants()
+
+
 def test_bad_calls_change_nothing():
     s = store()
     s.add_request("a", prompt_len=3)

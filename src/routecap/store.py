@@ -167,6 +167,8 @@ class RouteStore:
         self._tail_g = np.zeros(64, np.int64)
         self._cap = np.zeros(64, np.int64)  # table capacity
         self._mark = np.full(64, -1, np.int64)  # scratch for classify_segments
+        self._serial = np.zeros(64, np.int64)  # bumped when a slot's request is freed
+        self._live = np.zeros(64, np.bool_)
         self._no_valid = np.zeros((1, L), np.bool_)
         self._free_slots: list[int] = list(range(63, -1, -1))
         self._waiting: dict[Hashable, dict[int, _Request]] = {}  # hash -> {slot: request}
@@ -297,6 +299,7 @@ class RouteStore:
         self._reqs[request] = req
         self._slot_of[request] = slot
         self._by_slot[slot] = req
+        self._live[slot] = True
         self._cap[slot] = cap
         self._len[slot] = 0
         self._tail_b[slot] = -1
@@ -395,6 +398,8 @@ class RouteStore:
         self._tail_b = np.concatenate([self._tail_b, np.full(n, -1, np.int64)])
         self._tail_g = np.concatenate([self._tail_g, np.zeros(n, np.int64)])
         self._cap = np.concatenate([self._cap, np.zeros(n, np.int64)])
+        self._serial = np.concatenate([self._serial, np.zeros(n, np.int64)])
+        self._live = np.concatenate([self._live, np.zeros(n, np.bool_)])
         self._free_slots.extend(range(2 * n - 1, n - 1, -1))
         self._by_slot.extend([None] * n)
 
@@ -463,10 +468,53 @@ class RouteStore:
                                      f"num_rows), got {seg!r}") from None
                 self._get(seg[0])
             raise StoreError(f"{where}: bad segments {segments!r}") from None
-        S = len(keys)
         starts = _int_array(where, "start", starts_l)
         rows = _int_array(where, "first_row", rows_l)
         ns = _int_array(where, "num_rows", ns_l)
+        self._ingest_arrays(where, ids_NLK, valid_NL, slots, starts, rows, ns, seek)
+
+    def handle(self, request: Hashable) -> int:
+        """An integer handle for ``request`` for :meth:`ingest_arrays`, valid until it is freed.
+
+        A handle of a freed request is refused, even after its slot went to another request.
+        """
+        slot = self._get(request).slot
+        return int(self._serial[slot]) << 32 | slot
+
+    def ingest_arrays(self, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
+                      handles: np.ndarray, starts: np.ndarray, first_rows: np.ndarray,
+                      num_rows: np.ndarray, *, seek: bool = False) -> None:
+        """:meth:`ingest` with the segments as integer arrays: no Python per segment.
+
+        ``handles[i]`` (from :meth:`handle`), ``starts[i]``, ``first_rows[i]``, ``num_rows[i]``
+        describe segment i as in :meth:`ingest`, with the same checks.
+        """
+        where = "ingest_arrays"
+        self._check_rows(where, ids_NLK, valid_NL)
+        arrs = []
+        for name, a in (("handles", handles), ("starts", starts), ("first_rows", first_rows),
+                        ("num_rows", num_rows)):
+            if (not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "iu"
+                    or a.shape != np.shape(handles)):
+                raise StoreError(f"{where}: expected {name} to be a 1-D integer array of "
+                                 f"{np.shape(handles)} entries, got "
+                                 f"{getattr(a, 'dtype', type(a).__name__)} {np.shape(a)}")
+            arrs.append(a.astype(np.int64, copy=False))
+        h, st, rw, ns = arrs
+        slots = h & 0xFFFFFFFF
+        ok = slots < self._len.shape[0]
+        ok[ok] = (h[ok] >> 32 == self._serial[slots[ok]]) & self._live[slots[ok]]
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise StoreError(f"{where}: handle {int(h[i])} (segment {i}) names no request: the "
+                             "request was freed, or the handle is not from handle()")
+        self._ingest_arrays(where, ids_NLK, valid_NL, slots, st, rw, ns, seek)
+
+    def _ingest_arrays(self, where: str, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
+                       slots: np.ndarray, starts: np.ndarray, rows: np.ndarray, ns: np.ndarray,
+                       seek: bool) -> None:
+        N = ids_NLK.shape[0]
+        S = slots.shape[0]
         pool, P = self.pool, self.block_size
         kind = np.empty(S, np.int8)
         lens = np.empty(S, np.int64)
@@ -477,6 +525,7 @@ class RouteStore:
                                 P, seek, kind, lens, self._mark)
         if bad >= 0:
             i, code = divmod(bad, 4)
+            keys = [self._by_slot[int(slots[i])].key] * (i + 1)
             if code == 1:
                 raise StoreError(f"{where}: segment of {keys[i]!r} names rows [{int(rows[i])}, "
                                  f"{int(rows[i] + ns[i])}) of a step of {N} rows")
@@ -784,6 +833,8 @@ class RouteStore:
         del self._reqs[request]
         del self._slot_of[request]
         self._by_slot[req.slot] = None
+        self._live[req.slot] = False
+        self._serial[req.slot] += 1
         self._table_bytes -= _REQUEST_BYTES + req.capacity * _ENTRY_BYTES
         self._free_slots.append(req.slot)
         self.pool.limit = self._limit_for(self._table_bytes)
