@@ -252,9 +252,10 @@ class TraceSet:
                     f"{e['sha256'][:16]}...: the shard was changed or replaced after it was "
                     "written (copied in from another capture?)")
         h = read_header(p)
-        trusted = self.verify and hashed  # verified bytes: what the writer wrote
+        # bytes that match the manifest's hash are what the writer wrote (and validated): they
+        # need neither the CRCs nor the contract checks; files without a hash get both
         traces = load_parsed(p, h, check_crc=self.verify and not hashed,
-                             validate=not trusted)
+                             validate=self.verify and not hashed)
         ids = [t.request_id for t in traces]
         if ids != e["request_ids"] or [t.num_tokens for t in traces] != e["num_tokens"]:
             raise TraceFileError(f"{p}: holds requests {ids[:4]}... that differ from what the "
