@@ -81,8 +81,14 @@ def _check_same(shared: dict[str, Any], trace: RoutingTrace, where: str) -> None
             )
 
 
+def _bytes_of(a: np.ndarray) -> memoryview:
+    """The bytes of ``a`` without a copy (also for zero-size arrays, which
+    ``memoryview.cast`` refuses)."""
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
 def _crc(a: np.ndarray) -> int:
-    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B")) & 0xFFFFFFFF
+    return zlib.crc32(_bytes_of(a)) & 0xFFFFFFFF
 
 
 _NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
@@ -106,7 +112,7 @@ def _serialize(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> list
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     chunks: list[bytes | memoryview] = [len(raw).to_bytes(8, "little"), raw]
-    chunks += [memoryview(np.ascontiguousarray(tensors[n])).cast("B") for n in order]
+    chunks += [_bytes_of(tensors[n]) for n in order]
     return chunks
 
 
