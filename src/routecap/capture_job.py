@@ -252,8 +252,9 @@ def _run(job: CaptureJob, rank: int, world: int, device: str,
         dc = _ep_config(world) if job.dispatch == "ep" else None
         info = check_model(job.model)
         needs_tok = any(p.token_ids is None for p in prompts)
-        tok = load_tokenizer(job.model, builtin=info.builtin) if needs_tok or info.builtin \
-            else None
+        # a tokenizer only where there is one and a text prompt needs it (token-id prompts do not)
+        tok = load_tokenizer(job.model, builtin=info.builtin) \
+            if info.builtin or (needs_tok and info.has_tokenizer) else None
         rows = encode_prompts(prompts, tok, info.vocab_size)
         fp = fingerprint(model=info, prompts=prompts, settings=_settings(job, world))
         if rank == 0:
