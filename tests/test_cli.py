@@ -444,3 +444,50 @@ def test_convert_into_its_source_is_refused(tmp_path, prompts6):
     one_line_error(cli("convert", out, out, "--to", "trace", "--overwrite"),
                    "is the source")
     assert snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """A capture SIGKILLed ten times at random moments (while shards, journals, the manifest and
+    summary are being written), each time restarted with --resume: every intermediate folder
+    reads back only right traces, and the finished one equals a run never interrupted."""
+    import random
+    import signal
+    import time
+
+    n = 16
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(n)))
+    args = ["capture", "--model", "builtin:tiny-qwen3-moe", "--max-new-tokens", "2",
+            "--batch-size", "1", "--shard-requests", "1", "--prompts", str(prompts)]
+    assert cli(*args, "--out", tmp_path / "whole").exit_code == 0
+    whole = {t.request_id: t for t in open_traces(tmp_path / "whole")}
+    out = tmp_path / "o"
+    rng = random.Random(7)
+    targets = sorted(rng.sample(range(0, n - 2), 11))  # kill once this many shards are written
+    kills = 0
+
+    def written():
+        try:
+            return len(open_traces(out).request_ids())
+        except Exception:  # noqa: BLE001 -- not created yet, or between two renames
+            return -1
+
+    for target in targets:
+        p = subprocess.Popen([sys.executable, "-m", "routecap", *args, "--out", str(out),
+                              "--resume"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        while p.poll() is None and written() < target:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.05))  # anywhere within the next shard's write
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+        if out.exists() and any(out.glob("*.json")):
+            for t in open_traces(out):  # what survived is right, or not there
+                assert t.equals(whole[t.request_id]), t.request_id
+    r = run(*args, "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert kills >= 10
+    assert_same_traces(out, tmp_path / "whole")

@@ -11,7 +11,6 @@ import pytest
 from routecap.files import (
     TraceFileError,
     _header_crc,
-    TraceWriter,
     load_file,
     open_traces,
     read_header,

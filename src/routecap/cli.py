@@ -176,10 +176,8 @@ def capture(
                                                 "with --nnodes > 1).")] = None,
 ) -> None:
     """Capture the routes of every prompt and write one trace per request plus a summary."""
-    from .capture_job import CaptureJob, JobError, QuietJobError, run_capture_job
-    from .capture_checks import check_sampling
+    from .capture_checks import JobError, check_sampling
     from .folderlock import FolderLockedError, describe_os_error, probe
-    from .integrations.hf import UnsupportedModelError
     from .prompts import PromptFileError, read_prompts
 
     if overwrite and resume:
@@ -202,6 +200,9 @@ def capture(
             raise _fail(describe_os_error(e, f"--out {out_dir}")) from None
         raise typer.Exit(_launch(nproc, nnodes=nnodes, node_rank=node_rank,
                                  endpoint=rdzv_endpoint, run_id=rdzv_id))
+    from .capture_job import CaptureJob, QuietJobError, run_capture_job
+    from .integrations.hf import UnsupportedModelError
+
     rank = int(os.environ.get("RANK", "0"))
     dev = _resolve_device(device)
     job = CaptureJob(model=model, prompts=items, out_dir=out_dir, max_new_tokens=max_new_tokens,
