@@ -21,6 +21,14 @@ def _decoder(model: str, tokenizer: str | None) -> Any:
     return _token_decoder(SimpleNamespace(model=model), tokenizer)
 
 
+def _shared(ts: Any) -> dict[str, Any]:
+    """Model, E, K, layers of a trace set: from its manifest, else from its first trace."""
+    if getattr(ts, "shared", None) and ts.shared.get("num_experts"):
+        return dict(ts.shared)
+    first = next(iter(ts), None)
+    return {} if first is None else {"model": first.model, "num_experts": first.num_experts}
+
+
 def _fail(err: Console, message: str) -> typer.Exit:
     err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     return typer.Exit(2)
@@ -40,10 +48,12 @@ def report_command(*, traces: Path, out_path: Path, vs: Path | None, ep_size: in
     try:
         ts = open_traces(traces)
         other = open_traces(vs) if vs is not None else None
-        check_placement_args(int(ts.shared.get("num_experts") or 0), ep_size, redundant)
+        shared = _shared(ts)
+        if shared.get("num_experts"):
+            check_placement_args(int(shared["num_experts"]), ep_size, redundant)
     except (TraceFileError, PlacementError) as e:
         raise _fail(err, str(e)) from None
-    model = str(ts.shared.get("model") or "")
+    model = str(shared.get("model") or "")
     decode = _decoder(model, tokenizer)
     total = len(ts) + (len(other) if other is not None else 0)
     progress = Progress(TextColumn("report"), BarColumn(), MofNCompleteColumn(),
