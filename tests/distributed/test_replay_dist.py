@@ -10,8 +10,8 @@ router is perturbed so that its own routing differs from the recorded one. Under
 - the ids every MoE block's experts received equal the recorded ones in every (token, layer)
   cell, and under expert parallelism every expert received exactly the pairs the ranks
   dispatched to it;
-- replay adds no collective: the profiler lists the same collectives, in the same order, for the
-  step with and without replay.
+- replay adds no collective: the profiler lists the same collective calls (kind and count) for
+  the step with and without replay.
 
 The worker and the case building live in replay_worker.py; the GPU version of these scenarios
 (NCCL, one GPU a rank) is tests/gpu/test_multi_gpu_replay.py.
