@@ -72,11 +72,11 @@ def build_model(shape: dict[str, int], *, device: str, dtype: torch.dtype, seed:
 
 def bytes_per_layer(shape: dict[str, int], tokens: int, elem: int = 2) -> int:
     """Weights + gradients of one decoder layer, plus a rough allowance for its saved activations."""
-    H, I, E = shape["hidden_size"], shape["moe_intermediate_size"], shape["num_experts"]
+    H, F_, E = shape["hidden_size"], shape["moe_intermediate_size"], shape["num_experts"]
     K, heads, kv, hd = (shape["num_experts_per_tok"], shape["num_attention_heads"],
                         shape["num_key_value_heads"], shape["head_dim"])
-    params = 3 * E * H * I + E * H + H * hd * (2 * heads + 2 * kv) + 2 * H
-    acts = tokens * (12 * H + K * 6 * I) * elem  # hidden states, attention, expert rows
+    params = 3 * E * H * F_ + E * H + H * hd * (2 * heads + 2 * kv) + 2 * H
+    acts = tokens * (12 * H + K * 6 * F_) * elem  # hidden states, attention, expert rows
     return 2 * params * elem + acts
 
 
@@ -144,11 +144,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         shape["num_hidden_layers"] = int(args.layers)
     dtype = torch.bfloat16
-    model = build_model(shape, device=device, dtype=dtype).train()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, shape["vocab_size"], (B, S), generator=g).to(device)
-    routes = record_routes(model, ids)
+    while True:  # the layer estimate is rough: on running out of memory, take 15% fewer layers
+        try:
+            model = build_model(shape, device=device, dtype=dtype).train()
+            routes = record_routes(model, ids)
+            step(model, ids)
+            break
+        except torch.OutOfMemoryError:
+            model = None
+            torch.cuda.empty_cache()
+            if args.layers != "auto" or shape["num_hidden_layers"] == 1:
+                raise
+            shape["num_hidden_layers"] = max(1, int(shape["num_hidden_layers"] * 0.85))
+            print(f"out of memory: retrying with {shape['num_hidden_layers']} layers")
 
     def plain() -> None:
         model.zero_grad(set_to_none=True)

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from routecap.align import batch_routes
 from routecap.integrations.hf import HFRouteCapture, find_moe_routers
@@ -56,9 +55,9 @@ def big_model(layers: str, device: str, tokens: int) -> Any:
 
     shape = dict(QWEN3_30B_A3B)
     if layers == "auto":
-        H, I, E, V = (shape["hidden_size"], shape["moe_intermediate_size"],
-                      shape["num_experts"], shape["vocab_size"])
-        per_layer = 6 * (3 * E * H * I + 4 * H * 128 * 36)  # fp32 + bf16 weights
+        H, F_, E, V = (shape["hidden_size"], shape["moe_intermediate_size"],
+                       shape["num_experts"], shape["vocab_size"])
+        per_layer = 6 * (3 * E * H * F_ + 4 * H * 128 * 36)  # fp32 + bf16 weights
         head = 6 * 2 * V * H + 4 * tokens * V * 4  # embeddings and head, fp32 logits
         free, _ = torch.cuda.mem_get_info()
         shape["num_hidden_layers"] = max(1, min(48, int((0.8 * free - head) // per_layer)))
