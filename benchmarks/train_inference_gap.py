@@ -69,6 +69,18 @@ def big_model(layers: str, device: str, tokens: int) -> Any:
     return model
 
 
+def bf16_copy(model: Any, device: str) -> Any:
+    """The inference copy: the same weights rounded to bf16 (never a second fp32 copy in memory)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    with torch.device(device):
+        infer = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    infer.load_state_dict(model.state_dict())
+    infer.generation_config = copy.deepcopy(model.generation_config)
+    return infer.eval()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--big", action="store_true", help="Qwen3-30B-A3B shape on the GPU")
@@ -92,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = load_builtin("tiny-qwen3-moe", device=device)[0]
         name = "builtin:tiny-qwen3-moe"
     model.eval()
-    infer = copy.deepcopy(model).to(torch.bfloat16)
+    infer = bf16_copy(model, device)
     model.config._experts_implementation = "eager"  # the trainer's fp32 forward
     V = model.config.vocab_size
     g = np.random.default_rng(args.seed)
