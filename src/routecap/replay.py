@@ -59,6 +59,8 @@ REPLAY_REFUSED = {
     "PhimoeTopKRouter": "its sparsemixer picks experts one at a time by max and a relative-score "
                         "threshold mask (Gumbel sampling in training), with no top-k call to "
                         "replace; replaying it needs the sparsemixer rewritten, not done",
+    "DeepseekV4HashRouter": "hash routing: its layers route by token id (router(hidden, "
+                            "input_ids)), not by a top-k of scores; capture refuses it too",
 }
 
 
@@ -153,32 +155,29 @@ class _Replay:
         miss_NL = miss_NLK.all(axis=-1)
         partial_NL = miss_NLK.any(axis=-1) & ~miss_NL
         if partial_NL.any():
-            n, l = np.argwhere(partial_NL)[0]
+            n, li = np.argwhere(partial_NL)[0]
             raise ReplayError(
-                f"replay: routes at position {_position(n, self.lead)}, layer {l} (decoder layer "
-                f"{info.moe_layers[l]}) are {host_NLK[n, l].tolist()}: a cell is either all -1 "
+                f"replay: routes at position {_position(n, self.lead)}, layer {li} (decoder layer "
+                f"{info.moe_layers[li]}) are {host_NLK[n, li].tolist()}: a cell is either all -1 "
                 "(missing) or K expert ids")
         bad = ~miss_NLK & ((host_NLK < 0) | (host_NLK >= E))
         if bad.any():
-            n, l, k = np.argwhere(bad)[0]
+            n, li, k = np.argwhere(bad)[0]
             raise ReplayError(
-                f"replay: routes at position {_position(n, self.lead)}, layer {l} (decoder layer "
-                f"{info.moe_layers[l]}) hold expert id {host_NLK[n, l, k]}; {info.architecture} "
+                f"replay: routes at position {_position(n, self.lead)}, layer {li} (decoder layer "
+                f"{info.moe_layers[li]}) hold expert id {host_NLK[n, li, k]}; {info.architecture} "
                 f"has E={E} experts (ids 0..{E - 1}; -1 marks a missing cell)")
         dup = np.sort(host_NLK, axis=-1)
         dup = (dup[..., 1:] == dup[..., :-1]).any(axis=-1) & ~miss_NL
         if dup.any():
-            n, l = np.argwhere(dup)[0]
+            n, li = np.argwhere(dup)[0]
             raise ReplayError(
-                f"replay: routes at position {_position(n, self.lead)}, layer {l} name an expert "
-                f"twice: {host_NLK[n, l].tolist()}")
-        if strict and miss_NL.any():
-            n, l = np.argwhere(miss_NL)[0]
-            raise ReplayError(
-                f"replay(strict=True): {int(miss_NL.sum())} (token, layer) cells are missing (-1), "
-                f"the first at position {_position(n, self.lead)}, layer {l} (decoder layer "
-                f"{info.moe_layers[l]}); strict mode replays every cell or refuses")
+                f"replay: routes at position {_position(n, self.lead)}, layer {li} name an expert "
+                f"twice: {host_NLK[n, li].tolist()}")
         self.missing_L = [int(x) for x in miss_NL.sum(axis=0)]
+        self._miss_NL = miss_NL
+        # strict: missing cells are allowed only where the forward's attention_mask says padding
+        self._strict_open = strict and bool(miss_NL.any())
         self._source_LNK = ids_NLK.permute(1, 0, 2)
         self._miss_LN = torch.from_numpy(np.ascontiguousarray(miss_NL.T))
         self._by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -208,6 +207,8 @@ class _Replay:
                     "each forward its own `with replay(...)` with routes shaped like its input_ids")
             ids_LNK, miss_LN = self._on(x_NE.device)
             ids_NK = ids_LNK[index]
+            if missing and self._strict_open:
+                self._refuse_missing(self._miss_NL)
             if missing:  # NOTE: a host-side count: no device read to decide
                 ids_NK = torch.where(miss_LN[index, :, None], live(), ids_NK)
             stats.router_calls += 1
@@ -223,7 +224,7 @@ class _Replay:
                 scope = topk_scope_for(site.module)
                 owner = site.module if scope.owner == "router" else site.block
                 tap = TopkTap.attach(owner, scope.method, num_experts=site.num_experts,
-                                     top_k=site.top_k,
+                                     top_k=site.top_k, values_from=scope.values_from,
                                      name=f"{self.info.architecture} {type(site.module).__name__} "
                                           f"at {site.path}")
                 if tap.forcer is not None:
@@ -247,25 +248,44 @@ class _Replay:
             h.remove()
         self._handles.clear()
 
+    def _refuse_missing(self, miss_NL: np.ndarray) -> None:
+        n, li = np.argwhere(miss_NL)[0]
+        raise ReplayError(
+            f"replay(strict=True): {int(miss_NL.sum())} (token, layer) cells of real tokens are "
+            f"missing (-1), the first at position {_position(n, self.lead)}, layer {li} (decoder "
+            f"layer {self.info.moe_layers[li]}); strict mode replays every cell of a real token "
+            "(padding, where the forward's 2-D attention_mask is 0, may be -1)")
+
+    def _check_strict(self, kwargs: dict) -> None:
+        miss_NL = self._miss_NL
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and tuple(mask.shape) == self.lead:
+            # NOTE: strict mode reads the mask on the host once per forward (a device sync if it
+            # lives on an accelerator)
+            real_N = mask.detach().reshape(-1).to("cpu").numpy() != 0
+            miss_NL = miss_NL & real_N[:, None]
+        if miss_NL.any():
+            self._refuse_missing(miss_NL)
+        self._strict_open = False
+
     def _check_step(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = kwargs.get("input_ids")
         if x is None and args and isinstance(args[0], torch.Tensor):
             x = args[0]
+        shape = None
         if isinstance(x, torch.Tensor):
             shape = tuple(x.shape)
-        else:
-            e = kwargs.get("inputs_embeds")
-            if not isinstance(e, torch.Tensor):
-                return
-            shape = tuple(e.shape[:-1])
+        elif isinstance(kwargs.get("inputs_embeds"), torch.Tensor):
+            shape = tuple(kwargs["inputs_embeds"].shape[:-1])
         lead = self.lead
-        if shape == lead or (len(lead) == 1 and shape == (1, *lead)) or (
-                len(shape) == 1 and lead == (1, *shape)):
-            return
-        raise ReplayError(
-            f"replay: the forward's input_ids have shape {shape}; the routes are for lead shape "
-            f"{lead} (routes [*lead, L, K] must be shaped like the input_ids of the forward they "
-            "replay)")
+        if shape is not None and not (shape == lead or (len(lead) == 1 and shape == (1, *lead))
+                                      or (len(shape) == 1 and lead == (1, *shape))):
+            raise ReplayError(
+                f"replay: the forward's input_ids have shape {shape}; the routes are for lead "
+                f"shape {lead} (routes [*lead, L, K] must be shaped like the input_ids of the "
+                "forward they replay)")
+        if self._strict_open:
+            self._check_strict(kwargs)
 
 
 @contextmanager

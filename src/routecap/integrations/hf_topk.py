@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 _TOPK = (torch.topk, torch.Tensor.topk)
+_SOFTMAX = (torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax)
 _TAP_ATTR = "__routecap_topk_tap__"
 
 
@@ -60,12 +61,20 @@ class TopkScope:
 
     owner: str = "router"
     method: str = "forward"
+    #: "softmax": forced ids read their scores from the call's last ``[N, E]`` softmax instead of
+    #: the top-k's input, for routers that top-k a masked copy and use its values as weights
+    values_from: str | None = None
 
 
 #: Families whose final top-k is not in the router's forward (by router class name).
 _SCOPES = {
     # DbrxRouter returns logits; DbrxFFN.route_tokens_to_experts does softmax -> top-k -> p-norm
     "DbrxRouter": TopkScope(owner="block", method="route_tokens_to_experts"),
+    # DeepSeek-V2 group_limited_greedy: top-k over softmax scores with dropped groups set to 0,
+    # whose values are the weights: a replayed id in a dropped group would read weight 0 (and no
+    # gradient). Its weight is the unmasked softmax at the id, which is what the router computes
+    # whenever the id is one it would choose itself.
+    "DeepseekV2TopkRouter": TopkScope(values_from="softmax"),
 }
 
 
@@ -99,16 +108,24 @@ class _FinalTopkMode(TorchFunctionMode):
         super().__init__()
         self.tap = tap
         self.caught = 0
+        self.source: torch.Tensor | None = None  # the last [N, E] softmax (values_from="softmax")
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if self.tap.values_from == "softmax" and func in _SOFTMAX:
+            out = func(*args, **kwargs)
+            if out.dim() == 2 and out.shape[-1] == self.tap.num_experts:
+                self.source = out
+            return out
         if func in _TOPK and not kwargs.get("out"):
             x, k, dim, largest, _ = _topk_args(args, kwargs)
             tap = self.tap
             if (isinstance(x, torch.Tensor) and x.dim() == 2 and k == tap.top_k
                     and x.shape[-1] == tap.num_experts and dim in (-1, 1) and largest):
                 self.caught += 1
-                return tap._final_topk(func, args, kwargs, x)
+                src = self.source if self.source is not None and self.source.shape == x.shape \
+                    else x
+                return tap._final_topk(func, args, kwargs, x, src)
         return func(*args, **kwargs)
 
 
@@ -126,8 +143,9 @@ class TopkTap:
     """
 
     def __init__(self, owner: nn.Module, method: str, *, num_experts: int, top_k: int,
-                 name: str) -> None:
+                 name: str, values_from: str | None = None) -> None:
         self.owner = owner
+        self.values_from = values_from
         self.method = method
         self.num_experts = num_experts
         self.top_k = top_k
@@ -142,12 +160,13 @@ class TopkTap:
     # ---- sharing ------------------------------------------------------------------------------
     @classmethod
     def attach(cls, owner: nn.Module, method: str, *, num_experts: int, top_k: int,
-               name: str) -> TopkTap:
+               name: str, values_from: str | None = None) -> TopkTap:
         """The tap on ``owner.method``, installed now if it is not there yet."""
         current = owner.__dict__.get(method)
         tap = getattr(current, _TAP_ATTR, None)
         if tap is None:
-            tap = cls(owner, method, num_experts=num_experts, top_k=top_k, name=name)
+            tap = cls(owner, method, num_experts=num_experts, top_k=top_k, name=name,
+                      values_from=values_from)
             tap._install()
         elif (tap.num_experts, tap.top_k) != (num_experts, top_k):
             raise TopkTapError(
@@ -195,7 +214,8 @@ class TopkTap:
             del owner.__dict__[method]
 
     # ---- the catch ----------------------------------------------------------------------------
-    def _final_topk(self, func: Any, args: tuple, kwargs: dict, x_NE: torch.Tensor) -> Any:
+    def _final_topk(self, func: Any, args: tuple, kwargs: dict, x_NE: torch.Tensor,
+                    source_NE: torch.Tensor) -> Any:
         def live() -> torch.Tensor:
             return func(*args, **kwargs)[1]
 
@@ -205,7 +225,7 @@ class TopkTap:
         else:
             ids_NK = self.forcer(x_NE, live)
             # the router's own scores at the given ids: its code turns them into weights
-            out = torch.return_types.topk((x_NE.gather(-1, ids_NK), ids_NK))
+            out = torch.return_types.topk((source_NE.gather(-1, ids_NK), ids_NK))
         for read in self.readers:
             read(ids_NK)
         return out
