@@ -40,10 +40,13 @@ __all__ = [
     "AlignError",
     "RouteSpec",
     "batch_routes",
+    "concat_turns",
+    "packed_routes",
     "route_spec",
     "trace_cells",
     "trace_from_cells",
     "unbatch_routes",
+    "unpack_routes",
 ]
 
 LAST_TOKEN_POLICIES = ("missing", "error")
@@ -205,12 +208,141 @@ def unbatch_routes(routes_BSLK: Any, attention_mask_BS: Any = None) -> list[np.n
     return rows
 
 
+# ---- packed sequences ---------------------------------------------------------------------------
+def packed_routes(traces: Sequence[RoutingTrace | None], cu_seqlens: Any, input_ids_T: Any = None,
+                  *, total_tokens: int | None = None, last_token: str = "missing",
+                  dtype: torch.dtype = torch.int64, device: Any = None) -> torch.Tensor:
+    """The ``[T, L, K]`` routes of packed sequences: sequence i occupies rows
+    ``[cu_seqlens[i], cu_seqlens[i + 1])`` and its first row is absolute position 0 of
+    ``traces[i]``.
+
+    ``input_ids_T`` (``[T]`` or ``[1, T]``), when given, is checked against each trace's
+    ``token_ids``; its length sets ``total_tokens``. Rows past ``cu_seqlens[-1]`` (padding to a
+    fixed packed length) are ``-1``. Everything else is as :func:`batch_routes`.
+
+    Example (two sequences of 3 and 2 tokens packed into 6 rows; L = 1, K = 2):
+        >>> a = RoutingTrace.from_ids(np.array([[[3, 1]], [[0, 2]]]), num_experts=4,
+        ...                           moe_layers=[1], request_id="a", prompt_len=2)
+        >>> b = RoutingTrace.from_ids(np.array([[[2, 3]]]), num_experts=4, moe_layers=[1],
+        ...                           request_id="b", prompt_len=1)
+        >>> packed_routes([a, b], [0, 3, 5], total_tokens=6)[:, 0].tolist()
+        [[3, 1], [0, 2], [-1, -1], [2, 3], [-1, -1], [-1, -1]]
+    """
+    if last_token not in LAST_TOKEN_POLICIES:
+        raise AlignError(f"last_token: expected one of {LAST_TOKEN_POLICIES}, got {last_token!r}")
+    cu = _cu_seqlens(cu_seqlens, len(traces))
+    ids = None
+    if input_ids_T is not None:
+        ids = _numpy(input_ids_T)
+        if ids.ndim == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.ndim != 1:
+            raise AlignError(f"input_ids: expected packed [T] or [1, T], got shape {tuple(ids.shape)}")
+        if total_tokens is not None and total_tokens != ids.shape[0]:
+            raise AlignError(f"total_tokens={total_tokens} but input_ids holds {ids.shape[0]} tokens")
+        total_tokens = int(ids.shape[0])
+    T = int(cu[-1]) if total_tokens is None else int(total_tokens)
+    if T < cu[-1]:
+        raise AlignError(f"cu_seqlens ends at {int(cu[-1])} but the packed batch holds {T} tokens")
+    spec = route_spec(traces)
+    out = np.full((T, spec.num_layers, spec.top_k), MISSING, np.int64)
+    for i, t in enumerate(traces):
+        a, n = int(cu[i]), int(cu[i + 1] - cu[i])
+        if t is None:
+            continue
+        where = f"sequence {i} (request {t.request_id!r}, rows [{a}, {a + n}))"
+        _check_coverage(t, n, where, last_token)
+        if ids is not None:
+            _check_tokens(t, ids[a:a + n], where)
+        out[a + t.start:a + t.end] = t.to_numpy(fill=MISSING)
+    res = torch.from_numpy(out).to(dtype)
+    if device is None and isinstance(input_ids_T, torch.Tensor):
+        device = input_ids_T.device
+    return res if device is None else res.to(device)
+
+
+def unpack_routes(routes_TLK: Any, cu_seqlens: Any) -> list[np.ndarray]:
+    """The inverse of :func:`packed_routes`: sequence i's ``[n_i, L, K]`` int64 routes."""
+    r = _numpy(routes_TLK).astype(np.int64, copy=False)
+    if r.ndim == 4 and r.shape[0] == 1:
+        r = r[0]
+    if r.ndim != 3:
+        raise AlignError(f"routes: expected packed [T, L, K] or [1, T, L, K], got shape "
+                         f"{tuple(r.shape)}")
+    cu = _cu_seqlens(cu_seqlens, None)
+    if cu[-1] > r.shape[0]:
+        raise AlignError(f"cu_seqlens ends at {int(cu[-1])} but the routes hold {r.shape[0]} rows")
+    return [r[int(a):int(b)].copy() for a, b in zip(cu[:-1], cu[1:])]
+
+
+# ---- multi-turn ---------------------------------------------------------------------------------
+def concat_turns(turns: Sequence[RoutingTrace], *, request_id: str | None = None) -> RoutingTrace:
+    """One trace from the traces of consecutive turns of one conversation.
+
+    Turn j covers absolute positions ``[turns[j].start, turns[j].end)``; each turn must start
+    where the previous one ended (with KV-cache reuse, a later turn's prefill computes the last
+    token of the previous turn, so a turn captured with ``start = previous end`` is exactly
+    contiguous). A gap or an overlap is an :class:`AlignError` naming both turns' positions.
+    The result keeps the first turn's ``start``, ``prompt_len`` and request id (unless
+    ``request_id`` is given); ``token_ids`` are kept when every turn has them.
+
+    Example (turn 0 covers positions [0, 2), turn 1 [2, 3)):
+        >>> t0 = RoutingTrace.from_ids(np.array([[[3, 1]], [[0, 2]]]), num_experts=4,
+        ...                            moe_layers=[1], request_id="c", prompt_len=2)
+        >>> t1 = RoutingTrace.from_ids(np.array([[[2, 3]]]), num_experts=4, moe_layers=[1],
+        ...                            request_id="c", prompt_len=5, start=2)
+        >>> c = concat_turns([t0, t1])
+        >>> (c.start, c.end), c.to_numpy()[:, 0].tolist()
+        ((0, 3), [[3, 1], [0, 2], [2, 3]])
+    """
+    if not turns:
+        raise AlignError("concat_turns: no turn given")
+    spec = route_spec(turns)
+    for j in range(1, len(turns)):
+        prev, cur = turns[j - 1], turns[j]
+        if cur.start != prev.end:
+            kind = "gap" if cur.start > prev.end else "overlap"
+            lo, hi = sorted((prev.end, cur.start))
+            raise AlignError(
+                f"concat_turns: {kind} at positions [{lo}, {hi}): turn {j - 1} (request "
+                f"{prev.request_id!r}) covers [{prev.start}, {prev.end}), turn {j} (request "
+                f"{cur.request_id!r}) covers [{cur.start}, {cur.end}); each turn must start where "
+                "the previous one ended (a turn that re-ran the whole conversation covers it "
+                "alone: use that trace)")
+    first = turns[0]
+    ids = np.concatenate([t.expert_ids for t in turns])
+    miss = None
+    if any(t.missing is not None for t in turns):
+        miss = np.concatenate([np.zeros((t.num_tokens, t.num_layers), bool) if t.missing is None
+                               else t.missing for t in turns])
+    tok = None
+    if all(t.token_ids is not None for t in turns):
+        tok = np.concatenate([t.token_ids for t in turns])
+    sorted_k = all(t.topk_order == "sorted" for t in turns)
+    return RoutingTrace(expert_ids=ids, missing=miss, token_ids=tok,
+                        num_experts=spec.num_experts, moe_layers=spec.moe_layers,
+                        request_id=first.request_id if request_id is None else request_id,
+                        prompt_len=first.prompt_len, start=first.start, model=first.model,
+                        topk_order="sorted" if sorted_k else "router",
+                        extra={"turns": [[t.start, t.end] for t in turns]})
+
+
 # ---- shared checks ------------------------------------------------------------------------------
 def _numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         # NOTE: a device-to-host copy; alignment runs on the host, off the training hot path.
         return x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def _cu_seqlens(cu_seqlens: Any, n: int | None) -> np.ndarray:
+    cu = _numpy(cu_seqlens).astype(np.int64).reshape(-1)
+    if cu.size < 1 or cu[0] != 0 or (np.diff(cu) < 0).any():
+        raise AlignError(f"cu_seqlens: expected non-decreasing offsets starting at 0, got "
+                         f"{cu.tolist()[:16]}")
+    if n is not None and cu.size != n + 1:
+        raise AlignError(f"cu_seqlens: expected {n + 1} offsets for {n} traces, got {cu.size}")
+    return cu
 
 
 def _row_span(mask_S: np.ndarray, b: int) -> tuple[int, int]:
