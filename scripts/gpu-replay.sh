@@ -14,6 +14,15 @@ OUTDIR=${OUT:-/tmp/gpu-replay}
 mkdir -p "$OUTDIR"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-python3 benchmarks/replay_step.py --repeats 20 --profile 2>&1 | tee "$OUTDIR/replay_step.txt"
-python3 benchmarks/train_inference_gap.py --big 2>&1 | tee "$OUTDIR/train_inference_gap.txt"
-python3 -m pytest -q -s tests/gpu 2>&1 | tee "$OUTDIR/tests_gpu.txt"
+# each part runs even if an earlier one failed (one device call gives every result); the exit
+# status says whether all passed
+failed=""
+python3 benchmarks/replay_step.py --repeats 20 --profile 2>&1 | tee "$OUTDIR/replay_step.txt" \
+    || failed="$failed replay_step"
+python3 benchmarks/train_inference_gap.py --big 2>&1 | tee "$OUTDIR/train_inference_gap.txt" \
+    || failed="$failed train_inference_gap"
+python3 -m pytest -q -s tests/gpu 2>&1 | tee "$OUTDIR/tests_gpu.txt" || failed="$failed tests/gpu"
+if [ -n "$failed" ]; then
+    echo "FAILED:$failed"
+    exit 1
+fi
