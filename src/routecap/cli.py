@@ -407,6 +407,30 @@ def doctor() -> None:
     out.print(t)
 
 
+@app.command()
+def diff(
+    a: Annotated[Path, typer.Argument(help="Trace folder (or file) A: the reference, e.g. inference.")],
+    b: Annotated[Path, typer.Argument(help="Trace folder (or file) B: the same requests, e.g. a "
+                                           "training re-capture.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the agreement as JSON.")] = False,
+    strict: Annotated[bool, typer.Option(help="A request whose tokens differ between A and B is an "
+                                              "error (default: compare up to the first "
+                                              "difference).")] = False,
+) -> None:
+    """Routing agreement of two captures of the same requests, per MoE layer and overall."""
+    from .diff import diff_traces
+    from .files import TraceFileError
+
+    try:
+        g = diff_traces(a, b, diverged="error" if strict else "prefix")
+    except (TraceFileError, ValueError) as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        out.print_json(json.dumps(g.to_dict()))
+    else:
+        out.print(g.table(title=f"routing agreement: {a} vs {b}"))
+
+
 def _token_decoder(trace: Any, tokenizer: str | None) -> Any:
     """A token-id -> text function: the given tokenizer, or the built-in one for built-in models."""
     if tokenizer is None and not trace.model.startswith("builtin:"):
