@@ -24,32 +24,12 @@ import time
 import numba as nb
 import numpy as np
 import zstandard
-from codec_formats import captured_trace, realistic_trace
+from codec_formats import captured_trace, fit_weights, realistic_trace
 
 from routecap import codec
 
 SCALE = 12  # probabilities in 1/4096
 RANS_L = 1 << 16
-
-
-def fit_weights(n: np.ndarray, T: int, K: int, iters: int = 50) -> np.ndarray:
-    """Weights w of the max-entropy K-subset distribution with inclusion probabilities n / T."""
-    q = n / T
-    w = np.where(q > 0, q / np.maximum(1 - q, 1e-9), 0.0)
-    E = len(n)
-    for _ in range(iters):
-        w /= w[w > 0].mean()
-        e = np.zeros(K + 1)
-        e[0] = 1.0
-        for x in w:
-            e[1:] = e[1:] + x * e[:-1]
-        rest = np.zeros((K, E))
-        rest[0] = 1.0
-        for r in range(1, K):
-            rest[r] = e[r] - w * rest[r - 1]
-        pi = w * rest[K - 1] / e[K]
-        w = np.where(q > 0, w * q / np.maximum(pi, 1e-300), 0.0)
-    return w / w[w > 0].mean()
 
 
 def decision_table(w: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:

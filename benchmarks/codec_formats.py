@@ -145,6 +145,23 @@ def _elementary(w: np.ndarray, k: int) -> np.ndarray:
     return e
 
 
+def fit_weights(n: np.ndarray, T: int, K: int, iters: int = 50) -> np.ndarray:
+    """Weights w of the maximum-entropy distribution over K-subsets, P(S) = prod w_e / e_K(w),
+    whose inclusion probabilities are n / T (iterative scaling; mean weight 1)."""
+    q = n / T  # P(expert in the row); sums to K
+    w = np.where(q > 0, q / np.maximum(1 - q, 1e-9), 0.0)
+    for _ in range(iters):
+        w /= w[w > 0].mean()
+        e = _elementary(w, K)
+        rest = np.zeros((K, len(n)))  # e_r of w without expert e, for r < K
+        rest[0] = 1.0
+        for r in range(1, K):
+            rest[r] = e[r] - w * rest[r - 1]
+        pi = w * rest[K - 1] / e[K]
+        w = np.where(q > 0, w * q / np.maximum(pi, 1e-300), 0.0)
+    return w / w[w > 0].mean()
+
+
 def observed_entropy(trace: RoutingTrace) -> dict[str, float]:
     """What the routes are: per-layer load skew, neighbour overlap, and bits per row.
 
@@ -164,18 +181,7 @@ def observed_entropy(trace: RoutingTrace) -> dict[str, float]:
         member = np.zeros((T, E), bool)
         np.put_along_axis(member, x, True, axis=1)
         overlap.append((member[1:] & member[:-1]).sum(1).mean() / K)
-        q = n / T  # P(expert in the row); sums to K
-        w = np.where(q > 0, q / np.maximum(1 - q, 1e-9), 0.0)
-        for _ in range(50):  # scale w until the model's inclusion probabilities match q
-            w /= w[w > 0].mean()
-            e = _elementary(w, K)
-            rest = np.zeros((K, E))  # e_r of w without expert e, for r < K
-            rest[0] = 1.0
-            for r in range(1, K):
-                rest[r] = e[r] - w * rest[r - 1]
-            pi = w * rest[K - 1] / e[K]
-            w = np.where(q > 0, w * q / np.maximum(pi, 1e-300), 0.0)
-        w /= w[w > 0].mean()
+        w = fit_weights(n, T, K)
         e = _elementary(w, K)
         used = n > 0
         bits += (-(n[used] * np.log2(w[used])).sum()) / T + math.log2(e[K])
