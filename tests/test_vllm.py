@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from fuzzing import mutate
+from fuzzing import fuzz_rng, mutate, report_failure
 
 from routecap.integrations import vllm as rv
 from routecap.layout import LayoutError
@@ -191,7 +191,7 @@ def test_plugin_status_without_vllm(monkeypatch):
 # ---- fuzz of the decoders ----------------------------------------------------------------------
 def test_fuzz_b64npy_decoder_only_clean_errors():
     """50,000 mutated base64 .npy strings: a trace or a ValueError, nothing else."""
-    rng = np.random.default_rng(5)
+    seed, rng = fuzz_rng(5)
     seeds = []
     for dtype in (np.int32, np.uint8):
         buf = io.BytesIO()
@@ -201,12 +201,13 @@ def test_fuzz_b64npy_decoder_only_clean_errors():
     for i in range(50_000):
         b = mutate(rng, seeds[i % 2])
         s = base64.b64encode(bytes(b)).decode()
-        try:
-            rv.from_vllm_b64npy(s, moe_layers=[1, 2, 4], num_experts=32, request_id="r",
-                                prompt_len=2)
-            ok += 1
-        except ValueError:
-            pass
+        with report_failure(seed, i, s):
+            try:
+                rv.from_vllm_b64npy(s, moe_layers=[1, 2, 4], num_experts=32, request_id="r",
+                                    prompt_len=2)
+                ok += 1
+            except ValueError:
+                pass
     assert ok > 0
 
 

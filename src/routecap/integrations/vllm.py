@@ -251,7 +251,7 @@ def from_vllm(routed_experts: np.ndarray, *, moe_layers: Sequence[int], num_expe
     """A trace from vLLM's ``CompletionOutput.routed_experts`` (``[T, A, K]`` over all layers).
 
     ``moe_layers``: which of the A decoder layers are MoE layers (see
-    :func:`routecap.integrations.hf.moe_layers_from_config`); the others must be zero rows.
+    :func:`routecap.integrations.hf_routers.moe_config`); the others must be zero rows.
     Rows of MoE layers that cannot be routes are marked missing: all-zero rows when K > 1 (a
     capture that never ran, e.g. a monolithic MoE kernel) and rows of -1 (routecap's plugin in
     lenient mode).
@@ -295,16 +295,10 @@ def from_request_output(request_output: Any, config: Any, *, model: str = "",
     ``AutoConfig.from_pretrained(path)``). Token ids travel with the trace: the prompt plus the
     generated tokens but the last, whose forward never ran.
     """
-    from .hf import moe_layers_from_config
+    from .hf_routers import moe_config
 
-    layers = moe_layers_from_config(config)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    E = num_experts or next((getattr(text, k) for k in ("num_experts", "n_routed_experts",
-                                                        "num_local_experts")
-                             if getattr(text, k, None)), None)
-    if not E:
-        raise ValueError("from_request_output: cannot tell the number of experts from the config;"
-                         " pass num_experts")
+    moe = moe_config(config)
+    layers, E = moe.moe_layers, num_experts or moe.num_experts
     prompt = list(request_output.prompt_token_ids or [])
     traces = []
     for c in request_output.outputs:
