@@ -1,13 +1,13 @@
 """Shared helpers of the replay tests: the architectures, what the experts received, perturbation.
 
 Every architecture routecap captures is here: the seven golden ones (tiny_models) and the sweep
-(extra_architectures) whose capture works, plus Llama 4 and DBRX, whose routers hold no ids in
-their output but whose final top-k the replay (and capture, via the top-k tap) intercepts.
+(extra_architectures) whose capture works, Llama 4 and DBRX included (their routers hold no ids in
+their output: capture and replay both work at their final top-k, integrations.hf_topk).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -19,12 +19,6 @@ from tiny_models import SUPPORTED
 from tiny_models import tiny_model as golden_tiny_model
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-#: capture refuses these (their router returns no ids), replay and the top-k tap take them
-TAPPED = {
-    "llama4_text": {},
-    # DbrxAttention clamps q/k/v with clip_qkv, which must be set for the forward to run at all
-    "dbrx": {"attn_config": dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0)},
-}
 #: sweep cases that stay refused by replay, with a fragment of the reason
 REPLAY_REFUSED = {
     "phimoe": "sparsemixer",
@@ -64,9 +58,7 @@ def replay_cases() -> list:
         out.append(pytest.param(ReplayCase(arch, True), id=arch, marks=marks))
     for case in CASES:
         case = case.for_version(transformers.__version__)
-        if case.id in TAPPED:
-            case = replace(case, sizes={**case.sizes, **TAPPED[case.id]})
-        elif case.expect != "works" or case.id in REPLAY_REFUSED:
+        if case.expect != "works" or case.id in REPLAY_REFUSED:
             continue
         marks = [] if case.id in FAST else [pytest.mark.slow]
         if not _available(case):

@@ -417,3 +417,14 @@ def test_property_align_unalign_identity(case):
     back = from_verl(re, mask, moe_layers=list(range(1, 2 * L, 2)), replay_mask_BS=rm)
     whole = (r != M).all(-1).all(-1)
     assert torch.equal(back[whole], r[whole]) and (back[~whole] == M).all()
+
+
+# ---- the docstring examples of the align modules run as written -----------------------------------
+@pytest.mark.parametrize("name", ["routecap.align", "routecap.align_parallel", "routecap.align_export",
+                                  "routecap.agreement"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

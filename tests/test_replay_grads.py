@@ -14,11 +14,14 @@ gradient (the Megatron-fork bug): every such expert must keep a non-zero weight 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from replay_cases import TAPPED, ExpertsTap, perturb_routers_
+from extra_architectures import CASES_BY_ID
+from extra_architectures import tiny_model as extra_tiny
+from replay_cases import ExpertsTap, perturb_routers_
 from tiny_models import tiny_model
 from torch.utils.checkpoint import checkpoint
 
@@ -103,21 +106,10 @@ _GROUPED_V2 = dict(topk_method="group_limited_greedy", n_group=4, topk_group=1)
 
 def _build(arch):
     if arch == "deepseek_v2_grouped":
-        from dataclasses import replace
-
-        from extra_architectures import CASES_BY_ID
-        from extra_architectures import tiny_model as extra_tiny
-
         case = CASES_BY_ID["deepseek_v2"]
         return extra_tiny(replace(case, sizes={**case.sizes, **_GROUPED_V2}), seed=2)
-    if arch in ("longcat_flash", "llama4_text", "dbrx"):
-        from dataclasses import replace
-
-        from extra_architectures import CASES_BY_ID
-        from extra_architectures import tiny_model as extra_tiny
-
-        case = CASES_BY_ID[arch]
-        return extra_tiny(replace(case, sizes={**case.sizes, **TAPPED.get(arch, {})}), seed=2)
+    if arch in CASES_BY_ID:
+        return extra_tiny(CASES_BY_ID[arch], seed=2)
     return tiny_model(arch, seed=2)
 
 

@@ -191,7 +191,9 @@ def pad_to_multiple(routes_TLK: Any, cu_seqlens: Any, multiple: int) -> tuple[An
 
 def sp_slice(routes: Any, tp_size: int, tp_rank: int) -> Any:
     """The ``1 / tp_size`` contiguous share of the token rows (first dim) that SP rank ``tp_rank``'s
-    MoE layer routes.
+    MoE layer routes. The rows are token-major packed rows (THD); a ``[B, S, L, K]`` batch in
+    Megatron's sequence-first (BSHD as ``[S, B]``) order is ``routes.transpose(0, 1).reshape(S * B,
+    L, K)`` first.
 
     Example:
         >>> sp_slice(np.arange(6).reshape(6, 1, 1), 3, 1).ravel().tolist()

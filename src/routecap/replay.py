@@ -44,24 +44,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .integrations.hf import MoEModelInfo, UnsupportedModelError, find_moe_routers
-from .integrations.hf_topk import TopkTap, TopkTapError, topk_scope_for
+from .integrations.hf_routers import MoEModelInfo, UnsupportedModelError, find_moe_routers
+from .integrations.hf_topk import TopkTap, TopkTapError
 
-__all__ = ["REPLAY_REFUSED", "ReplayError", "ReplayStats", "replay", "replay_sites"]
+__all__ = ["ReplayError", "ReplayStats", "replay", "replay_sites"]
 
 
 class ReplayError(ValueError):
     """Routes that do not fit the model or the batch, or a router that cannot be replayed."""
-
-
-#: Router families routecap captures but cannot replay, by router class name, with the reason.
-REPLAY_REFUSED = {
-    "PhimoeTopKRouter": "its sparsemixer picks experts one at a time by max and a relative-score "
-                        "threshold mask (Gumbel sampling in training), with no top-k call to "
-                        "replace; replaying it needs the sparsemixer rewritten, not done",
-    "DeepseekV4HashRouter": "hash routing: its layers route by token id (router(hidden, "
-                            "input_ids)), not by a top-k of scores; capture refuses it too",
-}
 
 
 class ReplayStats:
@@ -98,15 +88,18 @@ class ReplayStats:
 
 
 def replay_sites(model: nn.Module) -> MoEModelInfo:
-    """The model's routers, checked for replay: refuses by name what cannot be replayed."""
+    """The model's routers, checked for replay: refuses by name what cannot be replayed.
+
+    Where each router family's final top-k is, or why it cannot be replayed, is the ``force_ids``
+    slot of its adapter in :data:`routecap.integrations.hf_routers.ROUTER_ADAPTERS`.
+    """
     info = find_moe_routers(model, probe=False)
     for site in info.sites:
-        for cls in type(site.module).__mro__:
-            reason = REPLAY_REFUSED.get(cls.__name__)
-            if reason:
-                raise UnsupportedModelError(
-                    f"{info.architecture}: routing replay is not supported for router "
-                    f"{type(site.module).__name__} at {site.path}: {reason}")
+        if site.adapter.force_ids is None:
+            raise UnsupportedModelError(
+                f"{info.architecture}: routing replay is not supported for router "
+                f"{type(site.module).__name__} at {site.path} ({site.adapter.family}): "
+                f"{site.adapter.replay_refusal}")
     return info
 
 
@@ -221,10 +214,10 @@ class _Replay:
     def install(self) -> None:
         try:
             for i, site in enumerate(self.info.sites):
-                scope = topk_scope_for(site.module)
-                owner = site.module if scope.owner == "router" else site.block
-                tap = TopkTap.attach(owner, scope.method, num_experts=site.num_experts,
-                                     top_k=site.top_k, values_from=scope.values_from,
+                scope = site.adapter.force_ids
+                tap = TopkTap.attach(scope.owner_of(site.module, site.block), scope.method,
+                                     num_experts=site.num_experts, top_k=site.top_k,
+                                     values_from=scope.values_from,
                                      name=f"{self.info.architecture} {type(site.module).__name__} "
                                           f"at {site.path}")
                 if tap.forcer is not None:

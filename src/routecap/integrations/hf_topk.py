@@ -36,10 +36,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
+    "ROUTER_TOPK",
+    "TopkReader",
     "TopkScope",
     "TopkTap",
     "TopkTapError",
-    "topk_scope_for",
 ]
 
 _TOPK = (torch.topk, torch.Tensor.topk)
@@ -65,26 +66,12 @@ class TopkScope:
     #: the top-k's input, for routers that top-k a masked copy and use its values as weights
     values_from: str | None = None
 
-
-#: Families whose final top-k is not in the router's forward (by router class name).
-_SCOPES = {
-    # DbrxRouter returns logits; DbrxFFN.route_tokens_to_experts does softmax -> top-k -> p-norm
-    "DbrxRouter": TopkScope(owner="block", method="route_tokens_to_experts"),
-    # DeepSeek-V2 group_limited_greedy: top-k over softmax scores with dropped groups set to 0,
-    # whose values are the weights: a replayed id in a dropped group would read weight 0 (and no
-    # gradient). Its weight is the unmasked softmax at the id, which is what the router computes
-    # whenever the id is one it would choose itself.
-    "DeepseekV2TopkRouter": TopkScope(values_from="softmax"),
-}
+    def owner_of(self, router: nn.Module, block: nn.Module) -> nn.Module:
+        return router if self.owner == "router" else block
 
 
-def topk_scope_for(router: nn.Module) -> TopkScope:
-    """Where the final top-k of ``router``'s family runs (default: the router's forward)."""
-    for cls in type(router).__mro__:
-        scope = _SCOPES.get(cls.__name__)
-        if scope is not None:
-            return scope
-    return TopkScope()
+#: The usual place: one top-k in the router's forward, whose input the scores are read from.
+ROUTER_TOPK = TopkScope()
 
 
 def _topk_args(args: tuple, kwargs: dict) -> tuple[Any, Any, Any, Any, Any]:
@@ -229,3 +216,23 @@ class TopkTap:
         for read in self.readers:
             read(ids_NK)
         return out
+
+
+class TopkReader:
+    """Hands the ids of a router's final top-k to ``read(ids_NK)`` on every call, until
+    :meth:`remove` (a hook handle, for routers whose output holds no ids: Llama 4, DBRX)."""
+
+    def __init__(self, router: nn.Module, block: nn.Module, scope: TopkScope, *,
+                 num_experts: int, top_k: int, name: str,
+                 read: Callable[[torch.Tensor], None]) -> None:
+        self._tap = TopkTap.attach(scope.owner_of(router, block), scope.method,
+                                   num_experts=num_experts, top_k=top_k, name=name,
+                                   values_from=scope.values_from)
+        self._read = read
+        self._tap.readers.append(read)
+
+    def remove(self) -> None:
+        if self._tap is not None:
+            self._tap.readers.remove(self._read)
+            self._tap.detach()
+            self._tap = None
