@@ -46,6 +46,7 @@ from torch import nn
 
 from .integrations.hf_routers import MoEModelInfo, UnsupportedModelError, find_moe_routers
 from .integrations.hf_topk import TopkTap, TopkTapError
+from .route_checks import BAD_PARTIAL, BAD_RANGE, check_routes
 
 __all__ = ["ReplayError", "ReplayStats", "replay", "replay_sites"]
 
@@ -143,31 +144,25 @@ class _Replay:
         # NOTE: the checks read the routes on the host once per replay block (a device sync if
         # they live on an accelerator; give them on the CPU, as batch_routes builds them, to avoid
         # it). Nothing reads device values afterwards.
-        host_NLK = ids_NLK.detach().to("cpu", torch.int64).numpy()
-        miss_NLK = host_NLK == -1
-        miss_NL = miss_NLK.all(axis=-1)
-        partial_NL = miss_NLK.any(axis=-1) & ~miss_NL
-        if partial_NL.any():
-            n, li = np.argwhere(partial_NL)[0]
-            raise ReplayError(
-                f"replay: routes at position {_position(n, self.lead)}, layer {li} (decoder layer "
-                f"{info.moe_layers[li]}) are {host_NLK[n, li].tolist()}: a cell is either all -1 "
-                "(missing) or K expert ids")
-        bad = ~miss_NLK & ((host_NLK < 0) | (host_NLK >= E))
-        if bad.any():
-            n, li, k = np.argwhere(bad)[0]
-            raise ReplayError(
-                f"replay: routes at position {_position(n, self.lead)}, layer {li} (decoder layer "
-                f"{info.moe_layers[li]}) hold expert id {host_NLK[n, li, k]}; {info.architecture} "
-                f"has E={E} experts (ids 0..{E - 1}; -1 marks a missing cell)")
-        dup = np.sort(host_NLK, axis=-1)
-        dup = (dup[..., 1:] == dup[..., :-1]).any(axis=-1) & ~miss_NL
-        if dup.any():
-            n, li = np.argwhere(dup)[0]
-            raise ReplayError(
-                f"replay: routes at position {_position(n, self.lead)}, layer {li} name an expert "
-                f"twice: {host_NLK[n, li].tolist()}")
-        self.missing_L = [int(x) for x in miss_NL.sum(axis=0)]
+        host_NLK = ids_NLK.detach().cpu().numpy()
+        # one compiled pass: missing cells and the first cell that breaks the contract
+        check = check_routes(host_NLK, E)
+        miss_NL = check.missing_NL
+        if check.bad is not None:
+            n, li, kind = check.bad
+            where = (f"replay: routes at position {_position(n, self.lead)}, layer {li} (decoder "
+                     f"layer {info.moe_layers[li]})")
+            cell = host_NLK[n, li].tolist()
+            if kind == BAD_PARTIAL:
+                raise ReplayError(f"{where} are {cell}: a cell is either all -1 (missing) or K "
+                                  "expert ids")
+            if kind == BAD_RANGE:
+                bad_id = next(v for v in cell if not 0 <= v < E)
+                raise ReplayError(f"{where} hold expert id {bad_id}; {info.architecture} has "
+                                  f"E={E} experts (ids 0..{E - 1}; -1 marks a missing cell)")
+            raise ReplayError(f"replay: routes at position {_position(n, self.lead)}, layer {li} "
+                              f"(decoder layer {info.moe_layers[li]}) name an expert twice: {cell}")
+        self.missing_L = [int(x) for x in check.missing_L]
         self._miss_NL = miss_NL
         # strict: missing cells are allowed only where the forward's attention_mask says padding
         self._strict_open = strict and bool(miss_NL.any())
