@@ -177,8 +177,13 @@ class _Replay:
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         got = self._by_device.get(device)
         if got is None:
-            ids = self._source_LNK.to(device=device, dtype=torch.int64, non_blocking=True)
-            got = (ids.contiguous(), self._miss_LN.to(device, non_blocking=True))
+            ids_LNK, miss_LN = self._source_LNK, self._miss_LN
+            if ids_LNK.device.type == "cpu" and device.type == "cuda":
+                # NOTE: from pinned memory the copies are asynchronous: no sync in the forward
+                ids_LNK = ids_LNK.to(torch.int64).contiguous().pin_memory()
+                miss_LN = miss_LN.pin_memory()
+            got = (ids_LNK.to(device=device, dtype=torch.int64, non_blocking=True).contiguous(),
+                   miss_LN.to(device, non_blocking=True))
             self._by_device[device] = got
         return got
 
