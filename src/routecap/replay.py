@@ -36,6 +36,7 @@ ids. Replay adds no collective.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -46,6 +47,7 @@ from torch import nn
 
 from .integrations.hf_routers import MoEModelInfo, UnsupportedModelError, find_moe_routers
 from .integrations.hf_topk import TopkTap, TopkTapError
+from .route_checks import BAD_PARTIAL, BAD_RANGE, check_routes
 
 __all__ = ["ReplayError", "ReplayStats", "replay", "replay_sites"]
 
@@ -87,13 +89,43 @@ class ReplayStats:
                 f"{len(self._ran)}/{len(self.moe_layers)})")
 
 
+# NOTE: a replay block is entered once per training forward; walking the model to find its
+# routers costs tens of milliseconds on a 48-layer model, so the result is kept per model and
+# reused while every router (and the decoder) is still the module found at its path.
+_SITES: weakref.WeakKeyDictionary[nn.Module, tuple[int, MoEModelInfo]] = weakref.WeakKeyDictionary()
+
+
+def _module_count(model: nn.Module) -> int:
+    return sum(1 for _ in model.modules())
+
+
+def _still_valid(model: nn.Module, count: int, info: MoEModelInfo) -> bool:
+    try:
+        if model.get_submodule(info.step_module_path) is not info.step_module:
+            return False
+        if any(model.get_submodule(s.path) is not s.module for s in info.sites):
+            return False
+    except AttributeError:
+        return False
+    return _module_count(model) == count
+
+
+def _cached_sites(model: nn.Module) -> MoEModelInfo:
+    got = _SITES.get(model)
+    if got is not None and _still_valid(model, *got):
+        return got[1]
+    info = find_moe_routers(model, probe=False)
+    _SITES[model] = (_module_count(model), info)
+    return info
+
+
 def replay_sites(model: nn.Module) -> MoEModelInfo:
     """The model's routers, checked for replay: refuses by name what cannot be replayed.
 
     Where each router family's final top-k is, or why it cannot be replayed, is the ``force_ids``
     slot of its adapter in :data:`routecap.integrations.hf_routers.ROUTER_ADAPTERS`.
     """
-    info = find_moe_routers(model, probe=False)
+    info = _cached_sites(model)
     for site in info.sites:
         if site.adapter.force_ids is None:
             raise UnsupportedModelError(
@@ -121,42 +153,6 @@ def _position(flat: int, lead: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(flat, lead)) if lead else ()
 
 
-def _router_device(info: MoEModelInfo) -> torch.device:
-    """Where the first router computes (its weights' device; the CPU for weightless routers)."""
-    for p in info.sites[0].module.parameters():
-        return p.device if p.device.type != "meta" else torch.device("cpu")
-    return torch.device("cpu")
-
-
-def _explain_bad(host_NLK: np.ndarray, lead: tuple[int, ...], info: MoEModelInfo) -> None:
-    """Raise the error for the first bad cell (the slow path, taken only when one exists)."""
-    E = info.num_experts
-    miss_NLK = host_NLK == -1
-    miss_NL = miss_NLK.all(axis=-1)
-    partial_NL = miss_NLK.any(axis=-1) & ~miss_NL
-    if partial_NL.any():
-        n, li = np.argwhere(partial_NL)[0]
-        raise ReplayError(
-            f"replay: routes at position {_position(n, lead)}, layer {li} (decoder layer "
-            f"{info.moe_layers[li]}) are {host_NLK[n, li].tolist()}: a cell is either all -1 "
-            "(missing) or K expert ids")
-    bad = ~miss_NLK & ((host_NLK < 0) | (host_NLK >= E))
-    if bad.any():
-        n, li, k = np.argwhere(bad)[0]
-        raise ReplayError(
-            f"replay: routes at position {_position(n, lead)}, layer {li} (decoder layer "
-            f"{info.moe_layers[li]}) hold expert id {host_NLK[n, li, k]}; {info.architecture} "
-            f"has E={E} experts (ids 0..{E - 1}; -1 marks a missing cell)")
-    dup = np.sort(host_NLK, axis=-1)
-    dup = (dup[..., 1:] == dup[..., :-1]).any(axis=-1) & ~miss_NL
-    if dup.any():
-        n, li = np.argwhere(dup)[0]
-        raise ReplayError(
-            f"replay: routes at position {_position(n, lead)}, layer {li} name an expert "
-            f"twice: {host_NLK[n, li].tolist()}")
-    raise AssertionError("a cell failed the device check but none fails the host check")
-
-
 class _Replay:
     """The state of one replay block: routes per device, taps, checks."""
 
@@ -175,32 +171,35 @@ class _Replay:
                 f"{info.architecture} has L={L} MoE layers {info.moe_layers} and top-k K={K}")
         self.lead = tuple(int(d) for d in t.shape[:-2])
         self.tokens = N = math.prod(self.lead)
-        ids_NLK = t.detach().reshape(N, L, K)
-        device = _router_device(info)
-        if ids_NLK.device != device:
-            if ids_NLK.device.type == "cpu" and device.type == "cuda":
-                # NOTE: from pinned memory the copy is asynchronous
-                ids_NLK = ids_NLK.contiguous().pin_memory()
-            ids_NLK = ids_NLK.to(device, non_blocking=True)
-        ids_NLK = ids_NLK.to(torch.int64)
-        # the checks run where the routes are used, and come back in ONE small host read: the
-        # block's only sync (at its entry; nothing in the forward reads a device value)
-        mn_NL, mx_NL = ids_NLK.amin(-1), ids_NLK.amax(-1)
-        miss_NL = mx_NL == -1
-        ok_NL = (miss_NL & (mn_NL == -1)) | ((mn_NL >= 0) & (mx_NL < E))
-        if K > 1:
-            s_NLK = ids_NLK.sort(-1).values
-            ok_NL &= miss_NL | ~(s_NLK[..., 1:] == s_NLK[..., :-1]).any(-1)
-        bad, *missing_L = torch.cat([(~ok_NL).sum().view(1), miss_NL.sum(0)]).tolist()
-        if bad:
-            _explain_bad(ids_NLK.cpu().numpy(), self.lead, info)
-        self.missing_L = [int(x) for x in missing_L]
+        ids_NLK = t.reshape(N, L, K)
+        # NOTE: the checks read the routes on the host once per replay block (a device sync if
+        # they live on an accelerator; give them on the CPU, as batch_routes builds them, to avoid
+        # it). Nothing reads device values afterwards.
+        host_NLK = ids_NLK.detach().cpu().numpy()
+        # one compiled pass: missing cells and the first cell that breaks the contract
+        check = check_routes(host_NLK, E)
+        miss_NL = check.missing_NL
+        if check.bad is not None:
+            n, li, kind = check.bad
+            where = (f"replay: routes at position {_position(n, self.lead)}, layer {li} (decoder "
+                     f"layer {info.moe_layers[li]})")
+            cell = host_NLK[n, li].tolist()
+            if kind == BAD_PARTIAL:
+                raise ReplayError(f"{where} are {cell}: a cell is either all -1 (missing) or K "
+                                  "expert ids")
+            if kind == BAD_RANGE:
+                bad_id = next(v for v in cell if not 0 <= v < E)
+                raise ReplayError(f"{where} hold expert id {bad_id}; {info.architecture} has "
+                                  f"E={E} experts (ids 0..{E - 1}; -1 marks a missing cell)")
+            raise ReplayError(f"replay: routes at position {_position(n, self.lead)}, layer {li} "
+                              f"(decoder layer {info.moe_layers[li]}) name an expert twice: {cell}")
+        self.missing_L = [int(x) for x in check.missing_L]
         self._miss_NL = miss_NL
         # strict: missing cells are allowed only where the forward's attention_mask says padding
-        self._strict_open = strict and any(self.missing_L)
-        self._by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {
-            device: (ids_NLK.permute(1, 0, 2).contiguous(), miss_NL.T.contiguous())}
-        self._device = device
+        self._strict_open = strict and bool(miss_NL.any())
+        self._source_LNK = ids_NLK.permute(1, 0, 2)
+        self._miss_LN = torch.from_numpy(np.ascontiguousarray(miss_NL.T))
+        self._by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.stats = ReplayStats(info, self.missing_L, N)
         self._taps: list[TopkTap] = []
         self._handles: list[Any] = []
@@ -208,9 +207,14 @@ class _Replay:
     # ---- per device copies (made once per block) ----------------------------------------------
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         got = self._by_device.get(device)
-        if got is None:  # a router on another device than the first (pipeline / device_map)
-            ids_LNK, miss_LN = self._by_device[self._device]
-            got = (ids_LNK.to(device, non_blocking=True), miss_LN.to(device, non_blocking=True))
+        if got is None:
+            ids_LNK, miss_LN = self._source_LNK, self._miss_LN
+            if ids_LNK.device.type == "cpu" and device.type == "cuda":
+                # NOTE: from pinned memory the copies are asynchronous: no sync in the forward
+                ids_LNK = ids_LNK.to(torch.int64).contiguous().pin_memory()
+                miss_LN = miss_LN.pin_memory()
+            got = (ids_LNK.to(device=device, dtype=torch.int64, non_blocking=True).contiguous(),
+                   miss_LN.to(device, non_blocking=True))
             self._by_device[device] = got
         return got
 
@@ -228,7 +232,7 @@ class _Replay:
             ids_LNK, miss_LN = self._on(x_NE.device)
             ids_NK = ids_LNK[index]
             if missing and self._strict_open:
-                self._refuse_missing(self._miss_NL.cpu().numpy())
+                self._refuse_missing(self._miss_NL)
             if missing:  # NOTE: a host-side count: no device read to decide
                 ids_NK = torch.where(miss_LN[index, :, None], live(), ids_NK)
             stats.router_calls += 1
@@ -277,7 +281,7 @@ class _Replay:
             "(padding, where the forward's 2-D attention_mask is 0, may be -1)")
 
     def _check_strict(self, kwargs: dict) -> None:
-        miss_NL = self._miss_NL.cpu().numpy()  # NOTE: strict mode only, once per forward
+        miss_NL = self._miss_NL
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and tuple(mask.shape) == self.lead:
             # NOTE: strict mode reads the mask on the host once per forward (a device sync if it
