@@ -57,6 +57,7 @@ from .trace import RoutingTrace, TraceValidationError
 __all__ = ["MANIFEST_NAME", "FolderRun", "TraceSet", "TraceWriter", "new_run_id", "open_traces"]
 
 MANIFEST_NAME = "manifest.json"
+SUMMARY_NAME = "summary.json"  # written by routecap capture after its commit
 MANIFEST_FORMAT = "routecap.trace-manifest"
 JOURNAL_FORMAT = "routecap.trace-journal"
 LEGACY_INDEX_FORMAT = "routecap.trace-index"
@@ -483,6 +484,8 @@ class FolderRun:
         for ip, index in st.legacy:
             old.add(ip.name)
             old.update(str(s.get("file")) for s in index.get("shards", []))
+        if "summary" not in (extra or {}) and (self.folder / SUMMARY_NAME).exists():
+            old.add(SUMMARY_NAME)  # it would describe traces that are gone
         manifest = {
             "format": MANIFEST_FORMAT, "format_version": FOLDER_FORMAT_VERSION,
             "run_id": self.run_id, "complete": True,

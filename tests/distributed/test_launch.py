@@ -89,3 +89,19 @@ def test_overwrite_of_a_data_parallel_capture_leaves_no_rank_shard(tmp_path):
     assert not list(out.glob("rank*"))
     assert open_traces(out).request_ids() == ["0"]
     assert json.loads((out / "summary.json").read_text())["num_requests"] == 1
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("dispatch", ["local", "gathered"])
+def test_no_process_group_thread_outlives_the_capture(tmp_path, dispatch):
+    """The teardown race's cause: `destroy_process_group` left gloo's threads running (the group
+    was still referenced through the capturer's cycles) until interpreter finalization, where a
+    gloo thread needing the GIL aborts the process (`terminate called without an active
+    exception`, exit -6). After the job, no thread of the group may be left."""
+    from distributed.launch import run_ranks
+
+    outs = run_ranks(Path(__file__).parent / "teardown_worker.py", [str(tmp_path / "o"), dispatch],
+                     2, timeout=600)
+    for o in outs:
+        assert "threads after the job" in o.stdout, o.stdout
+    assert sorted(open_traces(tmp_path / "o").request_ids()) == ["0", "1", "2"]
