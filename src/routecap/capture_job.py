@@ -25,6 +25,7 @@ exactly the batches that were not finished and gets the same routes an uninterru
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -229,7 +230,7 @@ def run_capture_job(job: CaptureJob, *, advance: Callable[[int], None] | None = 
         # does not release; transformers imports it when it builds a model. A group created
         # before that import outlives destroy_process_group, and so do gloo's threads, into
         # interpreter finalization: the teardown race (see _leave_group). Import it first.
-        import torch._dynamo  # noqa: F401
+        importlib.import_module("torch._dynamo")
 
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     ok = False
