@@ -51,7 +51,7 @@ class RouterShape:
         """From a transformers model folder or config.json (no weights needed)."""
         from transformers import AutoConfig
 
-        from .integrations.hf import moe_layers_from_config
+        from .integrations.hf_routers import UnsupportedModelError, moe_config
 
         p = Path(path)
         try:
@@ -59,16 +59,13 @@ class RouterShape:
         except (OSError, ValueError) as e:
             raise ConvertError(f"--model-config {path}: cannot read a transformers config "
                                f"({e})") from None
-        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        layers = moe_layers_from_config(cfg)
-        E = next((getattr(text, k) for k in ("num_experts", "n_routed_experts",
-                                             "num_local_experts") if getattr(text, k, None)),
-                 None)
-        K = getattr(text, "num_experts_per_tok", None)
-        if not E or not K:
-            raise ConvertError(f"--model-config {path}: cannot tell E ({E}) and K ({K})")
-        return cls(num_layers=int(text.num_hidden_layers), moe_layers=layers, num_experts=int(E),
-                   top_k=int(K), model=str(getattr(cfg, "name_or_path", "") or p))
+        try:
+            moe = moe_config(cfg)
+        except UnsupportedModelError as e:
+            raise ConvertError(f"--model-config {path}: {e}") from None
+        return cls(num_layers=moe.num_layers, moe_layers=moe.moe_layers,
+                   num_experts=moe.num_experts, top_k=moe.top_k,
+                   model=str(getattr(cfg, "name_or_path", "") or p))
 
 
 def _need(shape: RouterShape | None, fmt: str) -> RouterShape:
