@@ -56,3 +56,10 @@ def test_kernel_equals_numpy_reference(N, L, K, E, data):
     assert np.array_equal(fast.missing_NL, miss)
     assert np.array_equal(fast.missing_L, missing_L)
     assert fast.bad == (None if first < 0 else (first // L, first % L, kind))
+
+
+def test_ids_equal_modulo_128_are_not_duplicates():
+    r = np.array([[[5, 133, 261]], [[133, 7, 133]]], np.int32)  # E = 300
+    got = check_routes(r, 300)
+    assert got.bad == (1, 0, BAD_DUPLICATE)
+    assert check_routes(r[:1], 300).bad is None

@@ -36,6 +36,7 @@ ids. Replay adds no collective.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -88,13 +89,43 @@ class ReplayStats:
                 f"{len(self._ran)}/{len(self.moe_layers)})")
 
 
+# NOTE: a replay block is entered once per training forward; walking the model to find its
+# routers costs tens of milliseconds on a 48-layer model, so the result is kept per model and
+# reused while every router (and the decoder) is still the module found at its path.
+_SITES: weakref.WeakKeyDictionary[nn.Module, tuple[int, MoEModelInfo]] = weakref.WeakKeyDictionary()
+
+
+def _module_count(model: nn.Module) -> int:
+    return sum(1 for _ in model.modules())
+
+
+def _still_valid(model: nn.Module, count: int, info: MoEModelInfo) -> bool:
+    try:
+        if model.get_submodule(info.step_module_path) is not info.step_module:
+            return False
+        if any(model.get_submodule(s.path) is not s.module for s in info.sites):
+            return False
+    except AttributeError:
+        return False
+    return _module_count(model) == count
+
+
+def _cached_sites(model: nn.Module) -> MoEModelInfo:
+    got = _SITES.get(model)
+    if got is not None and _still_valid(model, *got):
+        return got[1]
+    info = find_moe_routers(model, probe=False)
+    _SITES[model] = (_module_count(model), info)
+    return info
+
+
 def replay_sites(model: nn.Module) -> MoEModelInfo:
     """The model's routers, checked for replay: refuses by name what cannot be replayed.
 
     Where each router family's final top-k is, or why it cannot be replayed, is the ``force_ids``
     slot of its adapter in :data:`routecap.integrations.hf_routers.ROUTER_ADAPTERS`.
     """
-    info = find_moe_routers(model, probe=False)
+    info = _cached_sites(model)
     for site in info.sites:
         if site.adapter.force_ids is None:
             raise UnsupportedModelError(
@@ -177,8 +208,13 @@ class _Replay:
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         got = self._by_device.get(device)
         if got is None:
-            ids = self._source_LNK.to(device=device, dtype=torch.int64, non_blocking=True)
-            got = (ids.contiguous(), self._miss_LN.to(device, non_blocking=True))
+            ids_LNK, miss_LN = self._source_LNK, self._miss_LN
+            if ids_LNK.device.type == "cpu" and device.type == "cuda":
+                # NOTE: from pinned memory the copies are asynchronous: no sync in the forward
+                ids_LNK = ids_LNK.to(torch.int64).contiguous().pin_memory()
+                miss_LN = miss_LN.pin_memory()
+            got = (ids_LNK.to(device=device, dtype=torch.int64, non_blocking=True).contiguous(),
+                   miss_LN.to(device, non_blocking=True))
             self._by_device[device] = got
         return got
 

@@ -21,7 +21,7 @@ import numpy as np
 try:
     import numba
 
-    _jit = numba.njit(cache=True, nogil=True)
+    _jit = True
 except ImportError:  # pragma: no cover - numba is a dependency; the numpy path stays correct
     numba = None
     _jit = None
@@ -64,45 +64,49 @@ def _check_numpy(ids_NLK: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.
 
 if _jit is not None:
 
-    @_jit
-    def _check_kernel(ids_NLK, num_experts, miss_NL, missing_L):  # pragma: no cover - compiled
+    @numba.njit(cache=True, nogil=True, parallel=True)
+    def _check_kernel(ids_NLK, num_experts, miss_NL, kind_NL):  # pragma: no cover - compiled
         N, L, K = ids_NLK.shape
         # NOTE: the contract the loops below rely on (numba does not check bounds)
-        assert miss_NL.shape[0] == N and miss_NL.shape[1] == L and missing_L.shape[0] == L
-        first = -1
-        kind = 0
-        for n in range(N):
+        assert miss_NL.shape[0] == N and miss_NL.shape[1] == L
+        assert kind_NL.shape[0] == N and kind_NL.shape[1] == L
+        for n in numba.prange(N):  # rows are independent: each thread writes its own
             for layer in range(L):
                 negs = 0
+                out = False
+                lo = 0  # a 128-bit set of (id mod 128) in two int64: equal ids always collide
+                hi = 0
+                clash = False
                 for k in range(K):
-                    if ids_NLK[n, layer, k] == -1:
+                    v = ids_NLK[n, layer, k]
+                    if v == -1:
                         negs += 1
-                if negs == K:
-                    miss_NL[n, layer] = True
-                    missing_L[layer] += 1
-                    continue
-                miss_NL[n, layer] = False
-                if first >= 0:
-                    continue
+                    elif v < 0 or v >= num_experts:
+                        out = True
+                    else:
+                        b = np.int64(v) & 127
+                        if b < 64:
+                            bit = np.int64(1) << b
+                            clash |= (lo & bit) != 0
+                            lo |= bit
+                        else:
+                            bit = np.int64(1) << (b - 64)
+                            clash |= (hi & bit) != 0
+                            hi |= bit
+                miss_NL[n, layer] = negs == K
                 this = 0
-                if negs:
+                if negs == K:
+                    pass
+                elif negs:
                     this = BAD_PARTIAL
-                else:
-                    for k in range(K):
-                        v = ids_NLK[n, layer, k]
-                        if v < 0 or v >= num_experts:
-                            this = BAD_RANGE
-                            break
-                    if this == 0:
-                        for a in range(K):
-                            for b in range(a + 1, K):
-                                if ids_NLK[n, layer, a] == ids_NLK[n, layer, b]:
-                                    this = BAD_DUPLICATE
-                    # numba: duplicates found after a range error are not looked for
-                if this:
-                    first = n * L + layer
-                    kind = this
-        return first, kind
+                elif out:
+                    this = BAD_RANGE
+                elif clash:  # ids equal mod 128: compare them exactly (rare when E <= 128: never)
+                    for a in range(K):
+                        for c in range(a + 1, K):
+                            if ids_NLK[n, layer, a] == ids_NLK[n, layer, c]:
+                                this = BAD_DUPLICATE
+                kind_NL[n, layer] = this
 
 
 def check_routes(ids_NLK: np.ndarray, num_experts: int, *, compiled: bool = True) -> RouteCheck:
@@ -124,8 +128,12 @@ def check_routes(ids_NLK: np.ndarray, num_experts: int, *, compiled: bool = True
     if compiled and _jit is not None and a.size:
         a = np.ascontiguousarray(a)
         miss_NL = np.empty((N, L), np.bool_)
-        missing_L = np.zeros(L, np.int64)
-        first, kind = _check_kernel(a, int(num_experts), miss_NL, missing_L)
+        kind_NL = np.empty((N, L), np.int8)
+        _check_kernel(a, int(num_experts), miss_NL, kind_NL)
+        missing_L = miss_NL.sum(axis=0, dtype=np.int64)
+        flat = np.flatnonzero(kind_NL)
+        first = int(flat[0]) if flat.size else -1
+        kind = int(kind_NL.reshape(-1)[first]) if flat.size else 0
     else:
         miss_NL, missing_L, first, kind = _check_numpy(a, num_experts)
     bad = None if first < 0 else (first // L, first % L, kind)
