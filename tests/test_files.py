@@ -271,3 +271,17 @@ def test_fuzz_file_reader_rejects_or_reads_back_exactly(tmp_path, n):
             assert a.equals(b) and a.extra == b.extra and a.model == b.model, m
         same += 1
     assert same < n
+
+
+def test_golden_files_of_both_versions_read_and_format_2_is_written_byte_exact(tmp_path):
+    """tests/golden/traces-v1.safetensors (format 1, no header checksum) still reads; format 2's
+    golden file reads the same traces, and today's writer gives exactly its bytes."""
+    from test_golden import GOLDEN, golden_trace
+
+    expected = [golden_trace(128, 8, seed=0), golden_trace(128, 8, seed=1, tokens=False)]
+    for name in ("traces-v1.safetensors", "traces-v2.safetensors"):
+        got = load_file(GOLDEN / name)
+        assert len(got) == 2 and all(g.equals(e) for g, e in zip(got, expected, strict=True))
+    assert read_header(GOLDEN / "traces-v1.safetensors").routecap.get("header_crc32") is None
+    save_file(expected, tmp_path / "t.safetensors")
+    assert (tmp_path / "t.safetensors").read_bytes() == (GOLDEN / "traces-v2.safetensors").read_bytes()

@@ -57,8 +57,8 @@ def check_model(name: str) -> ModelInfo:
     if name.startswith(BUILTIN_PREFIX):
         key = name.removeprefix(BUILTIN_PREFIX)
         if key not in BUILTIN_MODELS:
-            raise JobError(f"--model: unknown built-in model {key!r}; expected one of "
-                           f"{sorted(BUILTIN_MODELS)}")
+            raise JobError(f"--model: unknown built-in model {name!r}; expected one of "
+                           f"{[BUILTIN_PREFIX + k for k in sorted(BUILTIN_MODELS)]}")
         cfg = tiny_config(key)
         return ModelInfo(name=name, builtin=True, vocab_size=int(cfg.vocab_size),
                          has_tokenizer=True, files=(), config_sha256="")

@@ -25,6 +25,7 @@ exactly the batches that were not finished and gets the same routes an uninterru
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -224,6 +225,13 @@ def run_capture_job(job: CaptureJob, *, advance: Callable[[int], None] | None = 
     import torch.distributed as dist
 
     if world > 1 and not dist.is_initialized():
+        # NOTE: importing torch._dynamo takes references to the process groups that exist at that
+        # moment (the default group's refcount goes from 10 to 20), which destroy_process_group
+        # does not release; transformers imports it when it builds a model. A group created
+        # before that import outlives destroy_process_group, and so do gloo's threads, into
+        # interpreter finalization: the teardown race (see _leave_group). Import it first.
+        importlib.import_module("torch._dynamo")
+
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     ok = False
     try:
@@ -234,9 +242,34 @@ def run_capture_job(job: CaptureJob, *, advance: Callable[[int], None] | None = 
         raise JobError(describe_os_error(e, f"writing the traces to {job.out_dir}")) from None
     finally:
         if world > 1 and dist.is_initialized():
-            if ok:  # NOTE: ranks leave together, so no rank tears the group down under another
-                rcdist.barrier(None)
-            dist.destroy_process_group()
+            _leave_group(ok)
+
+
+def _leave_group(ok: bool) -> None:
+    """Tear the process group down so that none of its threads outlives this call.
+
+    NOTE: ``destroy_process_group`` only unregisters the group; gloo's loop and worker threads
+    (and the TCPStore's) stop when the last reference to the group dies. While any reference
+    is left (torch._dynamo's, see run_capture_job; the capturer's reference cycles until the
+    collector runs) those threads live on into interpreter finalization, where a gloo thread
+    that needs the GIL (releasing the last work of a collective) is ended by the finalizing
+    interpreter inside a C++ destructor: ``terminate called without an active exception``,
+    SIGABRT, although every file was written. So: no reference left (cycles collected), and the
+    ranks leave together (a barrier), so that no rank exits while another still talks to it. On
+    failure the barrier is skipped (a peer may never reach it) and only gloo's local teardown is
+    done; the launcher stops the other ranks.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    backend = dist.get_backend()
+    if ok:
+        rcdist.barrier(None)
+    gc.collect()
+    if ok or backend == "gloo":
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def _run(job: CaptureJob, rank: int, world: int, device: str,

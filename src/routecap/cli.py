@@ -201,6 +201,7 @@ def capture(
         raise typer.Exit(_launch(nproc, nnodes=nnodes, node_rank=node_rank,
                                  endpoint=rdzv_endpoint, run_id=rdzv_id))
     from .capture_job import CaptureJob, QuietJobError, run_capture_job
+    from .files import TraceFileError
     from .integrations.hf import UnsupportedModelError
 
     rank = int(os.environ.get("RANK", "0"))
@@ -221,7 +222,7 @@ def capture(
             result = run_capture_job(job, advance=lambda n: progress.advance(task, n))
     except QuietJobError:
         raise typer.Exit(2) from None  # rank 0 reports it
-    except (JobError, UnsupportedModelError) as e:
+    except (JobError, UnsupportedModelError, TraceFileError) as e:
         raise _fail(str(e)) from None
     if result.rank != 0:
         return

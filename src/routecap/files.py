@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .trace import FORMAT_VERSION, RoutingTrace, TraceValidationError, id_dtype_for
+from .trace import RoutingTrace, TraceValidationError, id_dtype_for
 
 __all__ = [
     "FILE_FORMAT",
@@ -451,7 +451,7 @@ def load_parsed(path: Path, h: _Header, *, check_crc: bool, validate: bool) -> l
                 expert_ids=ids[row:row + T], missing=miss, token_ids=tok, num_experts=E,
                 moe_layers=layers, request_id=r["request_id"], prompt_len=r["prompt_len"],
                 start=r["start"], model=model, topk_order=order, extra=r.get("extra", {}),
-            ) if validate else _unchecked_trace(
+            ) if validate else RoutingTrace.from_verified(
                 expert_ids=ids[row:row + T], missing=miss, token_ids=tok, num_experts=E,
                 moe_layers=layers, request_id=r["request_id"], prompt_len=r["prompt_len"],
                 start=r["start"], model=model, topk_order=order, extra=r.get("extra", {}))
@@ -465,14 +465,6 @@ def load_parsed(path: Path, h: _Header, *, check_crc: bool, validate: bool) -> l
     if row != ids.shape[0]:
         raise _fail(path, f"corrupt file: requests cover {row} rows, expert_ids has {ids.shape[0]}")
     return traces
-
-
-def _unchecked_trace(**fields: Any) -> RoutingTrace:
-    t = object.__new__(RoutingTrace)
-    for k, v in fields.items():
-        object.__setattr__(t, k, tuple(v) if k == "moe_layers" else v)
-    object.__setattr__(t, "format_version", FORMAT_VERSION)
-    return t
 
 
 # the folder API (manifest, lock, atomic commit, resume): defined in tracefolder, which imports the

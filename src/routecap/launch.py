@@ -50,8 +50,12 @@ class Rendezvous:
 def launch(argv: Sequence[str], nproc: int, *, rdzv: Rendezvous | None = None,
            env: dict[str, str] | None = None) -> dict[int, int]:
     """Run the program ``argv`` (``argv[0]`` an executable) as ``nproc`` ranks on this node and
-    wait. Returns ``{global rank: exit code}`` of the ranks of this node (0 where it succeeded).
+    wait. Returns ``{global rank: exit code}`` of the ranks that failed (empty: all exited 0).
     """
+    # NOTE: the launcher's own loggers read LOGLEVEL when first made; a failed rank has said
+    # what went wrong in one line, so the agent's warnings (closing signals, failure tables)
+    # stay quiet unless the user asks for them
+    os.environ.setdefault("LOGLEVEL", "ERROR")
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 

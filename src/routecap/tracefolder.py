@@ -57,6 +57,7 @@ from .trace import RoutingTrace, TraceValidationError
 __all__ = ["MANIFEST_NAME", "FolderRun", "TraceSet", "TraceWriter", "new_run_id", "open_traces"]
 
 MANIFEST_NAME = "manifest.json"
+SUMMARY_NAME = "summary.json"  # written by routecap capture after its commit
 MANIFEST_FORMAT = "routecap.trace-manifest"
 JOURNAL_FORMAT = "routecap.trace-journal"
 LEGACY_INDEX_FORMAT = "routecap.trace-index"
@@ -206,7 +207,8 @@ class TraceSet:
     """
 
     def __init__(self, folder: Path | None, entries: list[dict[str, Any]], *, verify: bool,
-                 complete: bool, source: str, manifest: dict[str, Any] | None = None) -> None:
+                 complete: bool, source: str, manifest: dict[str, Any] | None = None,
+                 shared: dict[str, Any] | None = None) -> None:
         self.folder = folder
         self.entries = entries
         self.verify = verify
@@ -225,8 +227,8 @@ class TraceSet:
                         f"{folder or self.shards[i]}: request id {rid!r} is in two shards "
                         f"({other} and {self.shards[i].name}); a request is recorded once")
                 self._where[rid] = i
-        self.shared: dict[str, Any] = {k: (manifest or {}).get(k) for k in _SHARED} if manifest \
-            else {}
+        self.shared: dict[str, Any] = {k: manifest.get(k) for k in _SHARED} if manifest \
+            else dict(shared or {})
 
     def __len__(self) -> int:
         return sum(len(e["request_ids"]) for e in self.entries)
@@ -311,8 +313,9 @@ def open_traces(path: str | os.PathLike, *, verify: bool = True) -> TraceSet:
     if path.is_file():
         h = read_header(path)
         return TraceSet(None, [_entry_from_header(path, h)], verify=verify, complete=True,
-                        source="file")
+                        source="file", shared={k: h.routecap.get(k) for k in _SHARED})
     st = inspect_folder(path)
+    shared: dict[str, Any] | None = None
     if st.manifest is not None:
         entries, source, complete = st.manifest["shards"], "manifest", True
         if not entries:
@@ -325,14 +328,16 @@ def open_traces(path: str | os.PathLike, *, verify: bool = True) -> TraceSet:
         entries = [e for j in sorted(docs, key=lambda j: j["prefix"]) for e in j["shards"]]
         source, complete = "journal", False
     elif st.legacy:
-        entries, complete = [], True
+        entries, complete, shared = [], True, None
         for ip, index in st.legacy:
             complete &= bool(index.get("complete"))
             for s in index.get("shards", []):
                 f = path / str(s.get("file"))
                 if not f.is_file():
                     raise TraceFileError(f"{ip}: lists shard {f.name}, which is missing")
-                entries.append(_entry_from_header(f, read_header(f)))
+                h = read_header(f)
+                shared = shared or {k: h.routecap.get(k) for k in _SHARED}
+                entries.append(_entry_from_header(f, h))
         source = "legacy-index"
     else:
         raise TraceFileError(f"{path}: no {MANIFEST_NAME} and no trace shards: not a trace folder "
@@ -352,8 +357,10 @@ def open_traces(path: str | os.PathLike, *, verify: bool = True) -> TraceSet:
             if not Path(e["path"]).is_file():
                 raise TraceFileError(f"{path}: the {source} names shard {e['file']}, which is "
                                      "missing")
+    if source == "journal":
+        shared = next((j["shared"] for j in docs if j.get("shared")), None)
     return TraceSet(path, out, verify=verify, complete=complete, source=source,
-                    manifest=st.manifest)
+                    manifest=st.manifest, shared=shared if source != "manifest" else None)
 
 
 def _entry_from_header(path: Path, h: Any) -> dict[str, Any]:
@@ -483,6 +490,8 @@ class FolderRun:
         for ip, index in st.legacy:
             old.add(ip.name)
             old.update(str(s.get("file")) for s in index.get("shards", []))
+        if "summary" not in (extra or {}) and (self.folder / SUMMARY_NAME).exists():
+            old.add(SUMMARY_NAME)  # it would describe traces that are gone
         manifest = {
             "format": MANIFEST_FORMAT, "format_version": FOLDER_FORMAT_VERSION,
             "run_id": self.run_id, "complete": True,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from routecap.files import open_traces
 
 ROOT = Path(__file__).resolve().parents[2]
+RUNS = int(os.environ.get("ROUTECAP_NPROC_RUNS", "20"))  # launches per --nproc in the slow part
 # as cheap as a real run gets: the tiny model, one short prompt per rank, one new token
 ARGS = ["capture", "--model", "builtin:tiny-qwen3-moe", "--max-new-tokens", "1",
         "--batch-size", "1"]
@@ -50,13 +52,13 @@ def _equal_to_one(out, one, nproc):
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2, 3])
-def test_nproc_runs_20_times_and_equals_one_process(tmp_path, nproc):
+def test_nproc_runs_many_times_and_equals_one_process(tmp_path, nproc):
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"p{i}\n" for i in range(nproc)))
     one = _one_process(tmp_path, prompts)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    for i in range(20):
+    for i in range(RUNS):
         out = tmp_path / f"dp{i}"
         r = _capture("--prompts", prompts, "--out", out, "--nproc", nproc)
         assert r.returncode == 0, f"run {i}: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr}"
@@ -65,7 +67,7 @@ def test_nproc_runs_20_times_and_equals_one_process(tmp_path, nproc):
         _equal_to_one(out, one, nproc)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    print(f"\n--nproc {nproc} x 20: {time.monotonic() - t0:.0f} s wall, {cpu:.0f} s CPU")
+    print(f"\n--nproc {nproc} x {RUNS}: {time.monotonic() - t0:.0f} s wall, {cpu:.0f} s CPU")
 
 
 @pytest.mark.distributed
@@ -89,3 +91,19 @@ def test_overwrite_of_a_data_parallel_capture_leaves_no_rank_shard(tmp_path):
     assert not list(out.glob("rank*"))
     assert open_traces(out).request_ids() == ["0"]
     assert json.loads((out / "summary.json").read_text())["num_requests"] == 1
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("dispatch", ["local", "gathered"])
+def test_no_process_group_thread_outlives_the_capture(tmp_path, dispatch):
+    """The teardown race's cause: `destroy_process_group` left gloo's threads running (the group
+    was still referenced through the capturer's cycles) until interpreter finalization, where a
+    gloo thread needing the GIL aborts the process (`terminate called without an active
+    exception`, exit -6). After the job, no thread of the group may be left."""
+    from distributed.launch import run_ranks
+
+    outs = run_ranks(Path(__file__).parent / "teardown_worker.py", [str(tmp_path / "o"), dispatch],
+                     2, timeout=600)
+    for o in outs:
+        assert "threads after the job" in o.stdout, o.stdout
+    assert sorted(open_traces(tmp_path / "o").request_ids()) == ["0", "1", "2"]

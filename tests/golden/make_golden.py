@@ -13,15 +13,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from test_golden import RECORDS, TRACE_FILE, golden_trace, record_args  # noqa: E402
+from test_golden import RECORDS, golden_trace, record_args  # noqa: E402
 
 from routecap import codec  # noqa: E402
-from routecap.files import save_file  # noqa: E402
+from routecap.files import FILE_FORMAT_VERSION, save_file  # noqa: E402
 
 
 def main() -> None:
     save_file([golden_trace(128, 8, seed=0), golden_trace(128, 8, seed=1, tokens=False)],
-              HERE / TRACE_FILE)
+              HERE / f"traces-v{FILE_FORMAT_VERSION}.safetensors")  # older versions stay as they are
     for name in RECORDS:
         trace, kwargs = record_args(name)
         (HERE / name).write_bytes(codec.encode(trace, **kwargs))
