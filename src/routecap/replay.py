@@ -197,8 +197,8 @@ class _Replay:
         self._miss_NL = miss_NL
         # strict: missing cells are allowed only where the forward's attention_mask says padding
         self._strict_open = strict and bool(miss_NL.any())
-        self._source_LNK = ids_NLK.permute(1, 0, 2)
-        self._miss_LN = torch.from_numpy(np.ascontiguousarray(miss_NL.T))
+        self._source_NLK = ids_NLK  # as given: the narrow dtype travels, int64 is made on arrival
+        self._miss_NL_t = torch.from_numpy(miss_NL)
         self._by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.stats = ReplayStats(info, self.missing_L, N)
         self._taps: list[TopkTap] = []
@@ -208,13 +208,16 @@ class _Replay:
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         got = self._by_device.get(device)
         if got is None:
-            ids_LNK, miss_LN = self._source_LNK, self._miss_LN
-            if ids_LNK.device.type == "cpu" and device.type == "cuda":
-                # NOTE: from pinned memory the copies are asynchronous: no sync in the forward
-                ids_LNK = ids_LNK.to(torch.int64).contiguous().pin_memory()
-                miss_LN = miss_LN.pin_memory()
-            got = (ids_LNK.to(device=device, dtype=torch.int64, non_blocking=True).contiguous(),
-                   miss_LN.to(device, non_blocking=True))
+            ids_NLK, miss_NL = self._source_NLK, self._miss_NL_t
+            if ids_NLK.device.type == "cpu" and device.type == "cuda":
+                # NOTE: from pinned memory the copies are asynchronous: no sync in the forward.
+                # The routes cross in their own (narrow) dtype and layout; the int64, layer-major
+                # copy the routers index is made by one kernel on the device, not on the host.
+                ids_NLK = ids_NLK.contiguous().pin_memory()
+                miss_NL = miss_NL.pin_memory()
+            ids_NLK = ids_NLK.to(device, non_blocking=True)
+            got = (ids_NLK.permute(1, 0, 2).to(torch.int64).contiguous(),
+                   miss_NL.to(device, non_blocking=True).t().contiguous())
             self._by_device[device] = got
         return got
 
