@@ -9,9 +9,6 @@ from hypothesis import strategies as st
 from scheduler_sim import budget_bytes, simulate
 
 from routecap.store import (
-    _ENTRY_BYTES,
-    _REQUEST_BYTES,
-    _WAIT_BYTES,
     EVICTED,
     NOT_WRITTEN,
     PENDING,
@@ -19,6 +16,7 @@ from routecap.store import (
     RouteStore,
     StoreError,
 )
+from routecap.store_tables import _ENTRY_BYTES, _REQUEST_BYTES, _WAIT_BYTES
 
 P = 4  # block size in these hand-worked cases
 
