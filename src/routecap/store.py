@@ -423,46 +423,7 @@ class RouteStore:
             raise StoreError(f"{where}: expected block_hashes to be a sequence, got "
                              f"{type(block_hashes).__name__}") from None
         self._check_hashable(where, todo)
-        pool = self.pool
-        if self.strict_hashes:
-            for j, h in enumerate(todo, start=req.published):
-                b, other = int(req.blocks[j]), pool.by_hash.get(h)
-                if (b >= 0 and pool.gen[b] == req.gens[j] and other is not None and other != b
-                        and self._disagree(b, other)):
-                    raise StoreError(f"{where}: block {j} hash {h!r} was published before with "
-                                     "different routes; block hashes must be chained content "
-                                     "hashes (the hash of block j covers blocks 0..j)")
-        for j, h in enumerate(todo, start=req.published):
-            b, g = int(req.blocks[j]), int(req.gens[j])
-            if b < 0 or pool.gen[b] != g:
-                continue  # evicted, or waiting itself: nothing to publish
-            other = pool.by_hash.get(h)
-            if other == b:
-                continue
-            if other is not None:
-                if self._disagree(b, other):
-                    self.hash_conflicts += 1  # keep our own rows, unpublished
-                    continue
-                if not (pool.valid[b] & ~pool.valid[other]).any():
-                    # deduplicate: link to the block already published under this hash
-                    pool.ref(other)
-                    req.blocks[j] = other
-                    req.gens[j] = pool.gen[other]
-                    pool.unref(b, g)
-                    continue
-                # the published copy lost cells (an eviction) that this one has: publish ours
-                # instead; the old one stays with the requests that hold it
-                pool.unpublish(other)
-            if not pool.published[b]:
-                pool.publish(b, h)
-                self.t.wake(h, b)
-        req.published = max(req.published, full)
-        self.t.sync_tail(req, int(self.t.length[req.slot]))
-
-    def _disagree(self, a: int, b: int) -> bool:
-        pool = self.pool
-        both = pool.valid[a] & pool.valid[b]
-        return bool((pool.ids[a][both] != pool.ids[b][both]).any())
+        self.hash_conflicts += self.t.publish(where, req, todo, full, self.strict_hashes)
 
     def truncate(self, request: Hashable, length: int) -> None:
         """Forget positions ``>= length`` (e.g. rejected speculative tokens)."""

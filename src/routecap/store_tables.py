@@ -384,6 +384,57 @@ class RequestTables:
         req.gens[j] = pool.gen[nb]
         return nb
 
+    def publish(self, where: str, req: _Request, todo: list[Hashable], full: int,
+                strict: bool) -> int:
+        """Publish entries ``[req.published, full)`` under ``todo``; returns the conflicts seen.
+
+        A hash already published for another block links to it (deduplication) when that block
+        is at least as complete, replaces it when it lost cells ours has, and is a *conflict*
+        (both keep their rows; raised if ``strict``) when the rows disagree. Waits on a newly
+        published hash are linked to it.
+        """
+        pool = self.pool
+        conflicts = 0
+        if strict:
+            for j, h in enumerate(todo, start=req.published):
+                b, other = int(req.blocks[j]), pool.by_hash.get(h)
+                if (b >= 0 and pool.gen[b] == req.gens[j] and other is not None and other != b
+                        and self._disagree(b, other)):
+                    raise StoreError(f"{where}: block {j} hash {h!r} was published before with "
+                                     "different routes; block hashes must be chained content "
+                                     "hashes (the hash of block j covers blocks 0..j)")
+        for j, h in enumerate(todo, start=req.published):
+            b, g = int(req.blocks[j]), int(req.gens[j])
+            if b < 0 or pool.gen[b] != g:
+                continue  # evicted, or waiting itself: nothing to publish
+            other = pool.by_hash.get(h)
+            if other == b:
+                continue
+            if other is not None:
+                if self._disagree(b, other):
+                    conflicts += 1  # keep our own rows, unpublished
+                    continue
+                if not (pool.valid[b] & ~pool.valid[other]).any():
+                    # deduplicate: link to the block already published under this hash
+                    pool.ref(other)
+                    req.blocks[j] = other
+                    req.gens[j] = pool.gen[other]
+                    pool.unref(b, g)
+                    continue
+                # the published copy lost cells (an eviction) that this one has: publish ours
+                # instead; the old one stays with the requests that hold it
+                pool.unpublish(other)
+            if not pool.published[b]:
+                pool.publish(b, h)
+                self.wake(h, b)
+        req.published = max(req.published, full)
+        return conflicts
+
+    def _disagree(self, a: int, b: int) -> bool:
+        pool = self.pool
+        both = pool.valid[a] & pool.valid[b]
+        return bool((pool.ids[a][both] != pool.ids[b][both]).any())
+
     def wake(self, h: Hashable, b: int) -> None:
         """Link every entry waiting on hash h to block b."""
         waiters = self.waiting.pop(h, None)
