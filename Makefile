@@ -28,7 +28,14 @@ $(COMPAT_STAMP): pyproject.toml $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/routecap capture --model builtin:tiny-qwen3-moe --prompts examples/prompts.txt --max-new-tokens 16 --out $(OUT) --overwrite
 
-# The whole test suite (then the transformers-facing part again under transformers 5.17).
+# The numba-backed tests, run a second time with numba's bounds checks (read at import, so in a
+# process of their own, with their own cache of compiled kernels): an index past an array then
+# fails a test instead of reading memory at random. -m "" runs their slow part too.
+NUMBA_TESTS := tests/test_codec.py tests/test_codec_kernels.py tests/test_golden.py
+
+# The whole test suite (then the transformers-facing part again under transformers 5.17, and the
+# numba-backed part under bounds checking).
 test: $(STAMP) $(COMPAT_STAMP)
 	$(VENV)/bin/python -m pytest -q
 	$(COMPAT)/bin/python -m pytest -q $(COMPAT_TESTS)
+	NUMBA_BOUNDSCHECK=1 NUMBA_CACHE_DIR=.numba-boundscheck $(VENV)/bin/python -m pytest -q -m "" $(NUMBA_TESTS)

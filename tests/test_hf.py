@@ -422,3 +422,85 @@ def test_eos_from_generation_config_and_stop_strings():
     assert seq[1, W + 3:].tolist() == [0] * (seq.shape[1] - W - 3)
     assert traces[1].num_tokens == int(mask[1].sum()) + 3 - 1
     assert traces[0].num_tokens == int(mask[0].sum()) + 8 - 1
+
+
+# ---- where a row stopped -----------------------------------------------------------------------
+class _StopRowAfter:
+    """A custom criterion: row ``row`` is done once it generated ``n`` tokens."""
+
+    def __init__(self, width, row, n):
+        self.width, self.row, self.n = width, row, n
+
+    def __call__(self, input_ids, scores, **kw):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        done[self.row] = input_ids.shape[1] >= self.width + self.n
+        return done
+
+
+def _free_run(model, ids, mask, max_new):
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                             do_sample=False, eos_token_id=[], pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+def test_custom_stop_with_pad_equal_to_eos_keeps_the_eos_route():
+    # capture_job sets pad = eos for tokenizers without a pad token. Row 0 stops at its EOS (its
+    # 2nd token), row 1 by a custom criterion after 3 tokens; both are then fed pad = eos. The
+    # EOS row must keep the route of the token before its EOS (T = P + 2 - 1), not lose it.
+    from transformers import StoppingCriteriaList
+
+    model, tok = load_builtin("tiny-qwen3-moe")
+    enc = tok(["hello world", "abc"], return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    W = ids.shape[1]
+    free = _free_run(model, ids, mask, 8)
+    eos = int(free[0, 1])
+    assert eos not in free[0, :1].tolist() and eos not in free[1, :3].tolist(), "pick other rows"
+    traces, seq = capture_generate(
+        model, ids, mask, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=eos,
+        stopping_criteria=StoppingCriteriaList([_StopRowAfter(W, 1, 3)]))
+    assert seq[0, W:].tolist() == [int(free[0, 0])] + [eos] * (seq.shape[1] - W - 1)
+    assert [t.num_tokens for t in traces] == [int(mask[0].sum()) + 2 - 1, int(mask[1].sum()) + 3 - 1]
+    assert all(t.missing is None for t in traces)
+
+
+def test_custom_stop_keeps_generated_pad_tokens():
+    # row 1 genuinely generates the pad id as its 3rd token, then a custom criterion stops it:
+    # those are generated tokens (their routes count), not padding
+    from transformers import StoppingCriteriaList
+
+    model, tok = load_builtin("tiny-qwen3-moe")
+    enc = tok(["hello world", "abc"], return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    W = ids.shape[1]
+    free = _free_run(model, ids, mask, 6)
+    pad = int(free[1, 2])
+    assert pad not in free[1, :2].tolist(), "pick another row"
+    traces, seq = capture_generate(
+        model, ids, mask, max_new_tokens=6, do_sample=False, eos_token_id=[], pad_token_id=pad,
+        stopping_criteria=StoppingCriteriaList([_StopRowAfter(W, 1, 3)]))
+    assert seq[1, W:W + 3].tolist() == free[1, :3].tolist()
+    assert traces[1].num_tokens == int(mask[1].sum()) + 3 - 1
+    assert traces[0].num_tokens == int(mask[0].sum()) + 6 - 1
+
+
+def test_stop_strings_end_the_row_where_generate_stopped_it():
+    model, tok = load_builtin("tiny-qwen3-moe")
+    enc = tok(["hello world", "abc"], return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    W = ids.shape[1]
+    free = _free_run(model, ids, mask, 8)
+    # the first two adjacent ASCII tokens of row 0 (a byte-level model: most bytes are not text)
+    j = next(j for j in range(1, 8) if tok.decode(free[0, j - 1:j + 1]).isascii()
+             and tok.decode(free[0, j - 1:j + 1]).isprintable())
+    text = tok.decode(free[0, j - 1:j + 1])
+    assert text not in tok.decode(free[1]), "pick another stop string"
+    traces, seq = capture_generate(model, ids, mask, max_new_tokens=8, do_sample=False,
+                                   eos_token_id=[], pad_token_id=0, stop_strings=[text],
+                                   tokenizer=tok)
+    assert seq[0, W:W + j + 1].tolist() == free[0, :j + 1].tolist()
+    assert [t.num_tokens for t in traces] == [int(mask[0].sum()) + j + 1 - 1,
+                                              int(mask[1].sum()) + 8 - 1]
+    with pytest.raises(ValueError, match="stop_strings need the model's tokenizer"):
+        capture_generate(model, ids, mask, max_new_tokens=2, stop_strings=["x"])

@@ -33,6 +33,7 @@ from routecap.integrations.hf import (
     capture_generate,
     find_moe_routers,
 )
+from routecap.integrations.hf_routers import moe_config
 
 PROMPT_LENGTHS = (5, 2, 8)  # request 1 is left-padded by 6, request 0 by 3
 MAX_NEW = 4
@@ -82,12 +83,16 @@ def _check_works(case: ArchCase, model) -> None:
     info = find_moe_routers(model)
     assert info.moe_layers == case.moe_layers, (
         f"routers found in layers {info.moe_layers}, the config puts them in {case.moe_layers}")
+    # the config alone (what convert and the vLLM adapter read) says the same
+    moe = moe_config(model.config)
+    assert (moe.num_experts, moe.top_k, moe.moe_layers, moe.num_layers) == (
+        info.num_experts, info.top_k, info.moe_layers, info.num_hidden_layers)
     ids_BW, mask_BW = _prompts(lengths=PROMPT_LENGTHS)
     traces, seq_BX = capture_generate(model, ids_BW, mask_BW, max_new_tokens=MAX_NEW,
                                       do_sample=False, eos_token_id=[], pad_token_id=0)
     W = ids_BW.shape[1]
     assert len(traces) == len(PROMPT_LENGTHS)
-    for b, (trace, P) in enumerate(zip(traces, PROMPT_LENGTHS)):
+    for b, (trace, P) in enumerate(zip(traces, PROMPT_LENGTHS, strict=True)):
         T = P + MAX_NEW - 1  # the last generated token never ran
         assert trace.num_tokens == T and trace.prompt_len == P
         assert trace.token_ids.tolist() == seq_BX[b, W - P:W - P + T].tolist()

@@ -1,13 +1,10 @@
-"""Hugging Face transformers (v5) binding: find the MoE routers, capture during ``generate``.
+"""Hugging Face transformers (v5) binding: capture routes during ``generate``.
 
 Shape legend: B batch rows, S tokens per row in one forward, N = B * S router rows, T tokens of a
 request, L MoE layers, K top-k, E experts.
 
-transformers v5 MoE blocks share one shape: a router module (``gate`` or ``router``) returning
-``(router_logits, router_scores, router_indices)`` and ``experts(hidden, top_k_index,
-top_k_weights)``. :func:`find_moe_routers` finds every such block, numbers it by its decoder layer,
-and checks the router's output signature with a tiny probe; a model whose routers do not fit is
-refused with an error that names the architecture and router class.
+Which modules are routers, what they choose and how to read it is :mod:`.hf_routers`' business
+(:func:`find_moe_routers`, the router adapter registry); its public names are re-exported here.
 
 :class:`HFRouteCapture` hooks the routers (one copy into the device step buffer per layer) and the
 decoder's forward (one *step* per forward). Each forward over a batch ``[B, S]`` writes its rows at
@@ -18,7 +15,7 @@ then turns columns into request positions using the left padding of the prompt b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +27,17 @@ from ..capturer import CaptureSpec, StepCapturer, StepSnapshot
 from ..store import RouteStore
 from ..trace import RoutingTrace
 from .hf_dispatch import MoEDispatch, ParallelConfig
+from .hf_routers import (
+    MoEModelInfo,
+    RouterSite,
+    UnsupportedModelError,
+    attach_router_hooks,
+    find_moe_routers,
+    moe_layers_from_config,
+    router_hook,
+)
+from .hf_stops import StopRecorder
+from .hf_stops import generated_lengths as generated_lengths_of
 
 __all__ = [
     "HFRouteCapture",
@@ -41,9 +49,9 @@ __all__ = [
     "capture_generate",
     "find_moe_routers",
     "moe_layers_from_config",
+    "router_hook",
 ]
 
-_ROUTER_ATTRS = ("gate", "router")
 #: Architectures whose capture is covered by the golden tests (tests/test_hf.py).
 VERIFIED_ARCHITECTURES = (
     "MixtralForCausalLM",
@@ -54,334 +62,6 @@ VERIFIED_ARCHITECTURES = (
     "GptOssForCausalLM",
     "Glm4MoeForCausalLM",
 )
-
-
-class UnsupportedModelError(ValueError):
-    """The model has no MoE layer routecap can capture, or its routers do not fit."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class RouterSite:
-    """One MoE router: where it lives and what it chooses."""
-
-    path: str  # module path of the router, e.g. "model.layers.3.mlp.gate"
-    layer: int  # decoder layer number
-    module: nn.Module
-    block: nn.Module  # the MoE block that holds the router and the experts
-    num_experts: int
-    top_k: int
-    index_slot: int  # which element of the router's output tuple holds the top-k ids
-
-
-@dataclass(frozen=True, kw_only=True)
-class MoEModelInfo:
-    """What :func:`find_moe_routers` learnt about a model."""
-
-    architecture: str
-    model_name: str
-    sites: tuple[RouterSite, ...]
-    num_hidden_layers: int
-    step_module: nn.Module  # the decoder whose forward is one step
-    step_module_path: str
-
-    @property
-    def moe_layers(self) -> tuple[int, ...]:
-        return tuple(s.layer for s in self.sites)
-
-    @property
-    def num_experts(self) -> int:
-        return self.sites[0].num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.sites[0].top_k
-
-
-def _first_attr(objs: Iterable[Any], names: Sequence[str]) -> int | None:
-    for obj in objs:
-        if obj is None:
-            continue
-        for name in names:
-            v = getattr(obj, name, None)
-            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-                return v
-    return None
-
-
-def _architecture(model: nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    archs = getattr(cfg, "architectures", None)
-    if archs:
-        return str(archs[0])
-    return type(model).__name__
-
-
-def _text_config(model: nn.Module) -> Any:
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        return cfg.get_text_config()
-    return cfg
-
-
-@dataclass(frozen=True)
-class _Probe:
-    slot: int  # which output element holds the ids
-    num_experts: int  # ids the router can produce: [0, num_experts)
-
-
-#: Routers whose ids mean something other than "this expert" (refused by class name).
-_REFUSED_ROUTERS = {
-    "ZayaRouter": "its router reports the skip expert as expert 0 (with weight 0), so a route "
-                  "cannot tell expert 0 from a skip",
-}
-
-
-def _probe_router(site_path: str, block: nn.Module, router: nn.Module, top_k: int,
-                  num_experts: int, hidden: int | None, arch: str) -> _Probe:
-    """Run the MoE block (or, failing that, its router) on 3 dummy rows and look at what the
-    router returns: which output slot holds the [N, K] integer ids, and how wide its logits are.
-    """
-    cls = type(router).__name__
-    params = list(router.parameters())
-    ref = params[0] if params else None
-    sharded = any(type(p).__name__ == "DTensor" for p in params)
-    if ref is None or ref.device.type == "meta" or hidden is None or sharded:
-        # cannot probe (weights not materialised, or sharded at rest as under FSDP, where they
-        # are all-gathered only inside the forward): capture() checks the output at run time
-        return _Probe(slot=2, num_experts=num_experts)
-    recorded: list[Any] = []
-    original = router.__dict__.get("forward")
-    bound = router.forward
-
-    def recording_forward(*args: Any, **kwargs: Any) -> Any:
-        out = bound(*args, **kwargs)
-        recorded.append(out)
-        return out
-
-    x = torch.zeros(1, 3, hidden, dtype=ref.dtype, device=ref.device)
-    errors = []
-    router.forward = recording_forward  # the inner output, whatever other hooks do to it
-    try:
-        with torch.no_grad():
-            try:  # the block supplies whatever else its router needs
-                block(x)
-            except Exception as e:  # noqa: BLE001 - fall back to the router alone
-                errors.append(e)
-                recorded.clear()
-                try:
-                    recording_forward(x[0])
-                except Exception as e2:  # noqa: BLE001
-                    errors.append(e2)
-    finally:
-        if original is None:
-            del router.forward
-        else:
-            router.forward = original
-    if not recorded:
-        e = errors[-1]
-        raise UnsupportedModelError(
-            f"{arch}: router {cls} at {site_path} cannot be run on dummy hidden states "
-            f"({type(e).__name__}: {e}); routecap supports routers returning "
-            "(router_logits, router_scores, router_indices)"
-        ) from e
-    out = recorded[0]
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    slots = [
-        i for i, o in enumerate(outs)
-        if isinstance(o, torch.Tensor) and not o.is_floating_point() and o.dtype != torch.bool
-        and o.dim() >= 1 and o.shape[-1] == top_k and o.numel() == 3 * top_k
-    ]
-    if len(slots) != 1:
-        got = ", ".join(
-            f"{type(o).__name__}{tuple(o.shape) if isinstance(o, torch.Tensor) else ''}"
-            f"{'/' + str(o.dtype) if isinstance(o, torch.Tensor) else ''}" for o in outs
-        )
-        raise UnsupportedModelError(
-            f"{arch}: router {cls} at {site_path} returned ({got}); routecap expects exactly one "
-            f"integer tensor of shape [N, top_k={top_k}] (the chosen expert ids) in its output"
-        )
-    # routers with extra "zero-computation" experts (LongCat-Flash) choose ids past the routed
-    # experts: their logits say how many ids there are
-    first = outs[0]
-    width = num_experts
-    if isinstance(first, torch.Tensor) and first.is_floating_point() and first.numel() % 3 == 0 \
-            and first.shape[-1] * 3 == first.numel():
-        width = max(num_experts, int(first.shape[-1]))
-    return _Probe(slot=slots[0], num_experts=width)
-
-
-def _remapped_by(router: nn.Module) -> str | None:
-    """The name of a parallel style that rewrites the router's outputs, if one is installed.
-
-    transformers 5.17's expert parallelism (``enable_expert_parallel``) replaces the router's
-    ``forward`` with a wrapper (``EpRouterParallel``) that turns the chosen global expert ids into
-    this rank's local ids, with a sentinel for experts on other ranks. A hook then sees local ids,
-    which are not the routes: such routers are refused rather than recorded wrongly.
-    """
-    fwd = router.__dict__.get("forward")
-    for cell in getattr(fwd, "__closure__", None) or ():
-        try:
-            obj = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        for cls in type(obj).__mro__:
-            if cls.__name__ in ("EpRouterParallel", "RouterParallel"):
-                return type(obj).__name__
-    return None
-
-
-def find_moe_routers(model: nn.Module, *, probe: bool = True) -> MoEModelInfo:
-    """Find every MoE router of a transformers model, or refuse the model with a clear error.
-
-    A MoE block is a module with an ``experts`` child and a ``gate`` or ``router`` child; its layer
-    number is the index of the decoder layer that holds it. All routers must share E and K.
-    """
-    arch = _architecture(model)
-    cfg = _text_config(model)
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise UnsupportedModelError(
-            f"{arch}: encoder-decoder models are not supported; routecap captures decoder-only "
-            "causal language models"
-        )
-    blocks: list[tuple[str, nn.Module, str, nn.Module]] = []
-    for path, mod in model.named_modules():
-        experts = getattr(mod, "experts", None)
-        if not isinstance(experts, nn.Module):
-            continue
-        for attr in _ROUTER_ATTRS:
-            router = getattr(mod, attr, None)
-            if isinstance(router, nn.Module):
-                blocks.append((path, mod, attr, router))
-                break
-    if not blocks:
-        raise UnsupportedModelError(
-            f"{arch}: no MoE block routecap can capture (it looks for a module with an "
-            "`experts` child and a `gate` or `router` child, as transformers v5 MoE models have)"
-        )
-    sites: list[RouterSite] = []
-    list_paths: set[str] = set()
-    for path, block, attr, router in blocks:
-        # the last integer component of the block's path is its decoder layer
-        parts = path.split(".")
-        idx_pos = max((i for i, p in enumerate(parts) if p.isdigit()), default=None)
-        if idx_pos is None:
-            raise UnsupportedModelError(
-                f"{arch}: MoE block at {path!r} is not inside a numbered list of decoder layers"
-            )
-        layer = int(parts[idx_pos])
-        list_paths.add(".".join(parts[:idx_pos]))
-        num_experts = _first_attr(
-            [router, block.experts, block, cfg],
-            ["num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"],
-        )
-        # the ids the router can choose: the widest of its own counts and of its score-correction
-        # bias (LongCat-Flash appends "zero-computation" experts past the routed ones)
-        wider = [getattr(router, a, None) for a in ("num_experts", "n_routed_experts",
-                                                    "num_local_experts")]
-        bias = getattr(router, "e_score_correction_bias", None)
-        if isinstance(bias, torch.Tensor) and bias.dim() == 1:
-            wider.append(int(bias.shape[0]))
-        wider = [w for w in wider if isinstance(w, int) and not isinstance(w, bool) and w > 0]
-        if num_experts is not None and wider:
-            num_experts = max(num_experts, *wider)
-        top_k = _first_attr(
-            [router, block, cfg],
-            ["top_k", "num_experts_per_tok", "moe_top_k", "moe_k", "top_k_experts", "moe_topk"],
-        )
-        if num_experts is None or top_k is None:
-            raise UnsupportedModelError(
-                f"{arch}: cannot tell the number of experts ({num_experts}) or top-k ({top_k}) of "
-                f"the router at {path}.{attr}"
-            )
-        style = _remapped_by(router)
-        if style is not None:
-            raise UnsupportedModelError(
-                f"{arch}: the router at {path}.{attr} is wrapped by transformers' {style}, which "
-                "replaces the chosen global expert ids with this rank's local ids before any hook "
-                "sees them (transformers 5.17 expert parallelism, enable_expert_parallel=True); "
-                "routecap will not record those as routes. Use a transformers with all-to-all "
-                "expert parallelism (DistributedConfig(ep_size=..., ep_implementation="
-                "'all_to_all')) or routecap's gathered dispatch")
-        refused = _REFUSED_ROUTERS.get(type(router).__name__)
-        if refused:
-            raise UnsupportedModelError(f"{arch}: {refused}")
-        r_hidden = _first_attr([cfg], ["hidden_size"]) or _first_attr(
-            [router], ["hidden_dim", "hidden_size"])
-        w = getattr(router, "weight", None)
-        if r_hidden is None and isinstance(w, torch.Tensor) and w.dim() == 2:
-            r_hidden = int(w.shape[1])
-        slot = 2
-        if probe:
-            found = _probe_router(f"{path}.{attr}", block, router, top_k, num_experts, r_hidden,
-                                  arch)
-            slot, num_experts = found.slot, found.num_experts
-        sites.append(RouterSite(path=f"{path}.{attr}", layer=layer, module=router, block=block,
-                                num_experts=num_experts, top_k=top_k, index_slot=slot))
-    if len(list_paths) != 1:
-        raise UnsupportedModelError(
-            f"{arch}: MoE blocks live in several layer lists {sorted(list_paths)}; routecap "
-            "captures one decoder stack"
-        )
-    sites.sort(key=lambda s: s.layer)
-    layers = [s.layer for s in sites]
-    if len(set(layers)) != len(layers):
-        raise UnsupportedModelError(f"{arch}: more than one MoE router per decoder layer {layers}")
-    ek = {(s.num_experts, s.top_k) for s in sites}
-    if len(ek) != 1:
-        raise UnsupportedModelError(
-            f"{arch}: routers disagree on (num_experts, top_k): {sorted(ek)}; a trace has one E and K"
-        )
-    (list_path,) = list_paths
-    step_path = list_path.rpartition(".")[0] if "." in list_path else ""
-    step_module = model.get_submodule(step_path)
-    layer_list = model.get_submodule(list_path)
-    num_hidden = len(layer_list) if isinstance(layer_list, (nn.ModuleList, nn.Sequential)) else (
-        _first_attr([cfg], ["num_hidden_layers"]) or max(layers) + 1)
-    name = getattr(getattr(model, "config", None), "name_or_path", "") or getattr(
-        model, "name_or_path", "") or arch
-    return MoEModelInfo(architecture=arch, model_name=str(name), sites=tuple(sites),
-                        num_hidden_layers=num_hidden, step_module=step_module,
-                        step_module_path=step_path)
-
-
-def router_hook(site: RouterSite, index: int,
-                capture: Callable[[int, torch.Tensor], None]) -> Callable[..., None]:
-    """A forward hook for ``site.module`` that hands its chosen ids to ``capture(index, ids)``.
-
-    This is how every binding feeds a :class:`routecap.capturer.StepCapturer` (whose ``capture``
-    fits): one device copy per layer, no host sync, so it also records into a CUDA graph.
-    """
-    slot, K = site.index_slot, site.top_k
-
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        ids = output[slot] if isinstance(output, (tuple, list)) else output
-        if isinstance(ids, torch.Tensor) and ids.dim() > 2:
-            ids = ids.reshape(-1, K)  # a view: routers fed [B, S, H] may return [B, S, K]
-        capture(index, ids)
-
-    return hook
-
-
-def attach_router_hooks(info: MoEModelInfo, capture: Callable[[int, torch.Tensor], None]
-                        ) -> list[Any]:
-    """Hook every router of a model (:func:`find_moe_routers`); returns the handles to remove."""
-    return [s.module.register_forward_hook(router_hook(s, i, capture))
-            for i, s in enumerate(info.sites)]
-
-
-def moe_layers_from_config(config: Any) -> tuple[int, ...]:
-    """The decoder layers that hold a router, for a transformers config (no weights needed).
-
-    The model is built on the meta device and searched like :func:`find_moe_routers`, so every
-    architecture's own rule (``mlp_only_layers``, ``first_k_dense_replace``, ``decoder_sparse_step``,
-    ``layer_types``, ...) applies exactly. Engines that return all layers (vLLM, SGLang) need this
-    to drop the dense ones.
-    """
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return find_moe_routers(model, probe=False).moe_layers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -632,7 +312,7 @@ class HFRouteCapture:
             if eos_token_id is None:
                 gc = getattr(self.model, "generation_config", None)
                 eos_token_id = getattr(gc, "eos_token_id", None)
-            generated_lengths = _generated_lengths(gen, eos_token_id)
+            generated_lengths = generated_lengths_of(gen, eos_token_id)
         if len(generated_lengths) != B:
             raise ValueError(f"collect: expected {B} generated_lengths, got {len(generated_lengths)}")
         if request_ids is None:
@@ -720,41 +400,6 @@ def _left_pads(mask: np.ndarray) -> np.ndarray:
     return pads
 
 
-def _generated_lengths(gen: np.ndarray, eos: int | Sequence[int] | None) -> list[int]:
-    B, G = gen.shape
-    if eos is None:
-        return [G] * B
-    eos_ids = [eos] if isinstance(eos, (int, np.integer)) else list(eos)
-    hit = np.isin(gen, eos_ids)
-    out = []
-    for b in range(B):
-        where = np.flatnonzero(hit[b])
-        out.append(int(where[0]) + 1 if where.size else G)
-    return out
-
-
-def _stops(model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
-           kwargs: dict[str, Any]) -> list[int]:
-    """Tokens each row generated, up to and including what stopped it.
-
-    The EOS ids come from the call, its ``generation_config``, or the model's; with stop strings
-    or custom stopping criteria (whose hits ``generate`` does not report) a row's end is where its
-    trailing padding starts: ``generate`` feeds finished rows the pad token.
-    """
-    gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    eos = kwargs.get("eos_token_id", getattr(gc, "eos_token_id", None))
-    pad = kwargs.get("pad_token_id", getattr(gc, "pad_token_id", None))
-    gen = _to_numpy(sequences)[:, attention_mask.shape[1]:]
-    lengths = _generated_lengths(gen, eos)
-    custom = kwargs.get("stop_strings") or getattr(gc, "stop_strings", None) or \
-        kwargs.get("stopping_criteria")
-    if custom and pad is not None and gen.shape[1]:
-        for b in range(gen.shape[0]):
-            live = np.flatnonzero(gen[b] != pad)
-            lengths[b] = min(lengths[b], int(live[-1]) + 1 if live.size else 0)
-    return lengths
-
-
 def capture_generate(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -783,6 +428,7 @@ def capture_generate(
         attention_mask = torch.ones_like(input_ids)
     if capture is not None and capture.parallel is not None:
         generate_kwargs.setdefault("synced_gpus", True)
+    stops = StopRecorder.install(model, generate_kwargs, prompt_width=input_ids.shape[1])
     cap = capture if capture is not None else HFRouteCapture(model, strict=strict)
     own = not cap.active  # hooks installed here are removed here
     try:
@@ -794,8 +440,7 @@ def capture_generate(
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         traces = cap.collect(sequences=sequences, attention_mask=attention_mask,
                              request_ids=request_ids,
-                             generated_lengths=_stops(model, sequences, attention_mask,
-                                                      generate_kwargs))
+                             generated_lengths=stops.lengths(sequences))
         if dummy:
             traces = []
     finally:

@@ -1,0 +1,530 @@
+"""Router knowledge for transformers MoE models: where the routers are, what they choose, how to read it.
+
+Shape legend: N router rows (tokens), K top-k, E experts, L MoE layers.
+
+One home for everything routecap knows about a transformers router:
+
+* :data:`ROUTER_ADAPTERS`, a registry with one :class:`RouterAdapter` per router family (matched by
+  the router's class name). Each says how the family scores and chooses, how to read the chosen
+  ids from the router's output, and holds the slot routing replay fills (``force_ids``: how to
+  make the router take given ids). A router no entry names gets :data:`GENERIC_ADAPTER`: its ids
+  are read from the one integer ``[N, K]`` tensor of its output (found by a probe); nothing is
+  claimed about its scoring. A family whose ids cannot be trusted is refused by name.
+* :func:`find_moe_routers`: every router of a model, numbered by its decoder layer, probed.
+* :func:`read_router_counts`: THE list of attribute names E and K are read from (router, experts,
+  block, config), and :func:`moe_config`, (E, K, moe layers, layer count) of a config with no
+  weights. ``convert``, the vLLM adapter and capture all go through these two.
+* :func:`router_hook` / :func:`attach_router_hooks`: feed a capturer from the routers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "GENERIC_ADAPTER",
+    "MoEConfig",
+    "MoEModelInfo",
+    "NUM_EXPERTS_ATTRS",
+    "ROUTER_ADAPTERS",
+    "RouterAdapter",
+    "RouterSite",
+    "TOP_K_ATTRS",
+    "UnsupportedModelError",
+    "adapter_for",
+    "attach_router_hooks",
+    "find_moe_routers",
+    "moe_config",
+    "moe_layers_from_config",
+    "read_router_counts",
+    "router_hook",
+]
+
+#: The attribute names of the number of routed experts and of top-k, in every place (router,
+#: experts, MoE block, text config) and architecture routecap reads them from. The one list.
+NUM_EXPERTS_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "moe_top_k", "moe_k", "top_k_experts", "moe_topk")
+_ROUTER_ATTRS = ("gate", "router")  # the MoE block's child that routes
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no MoE layer routecap can capture, or its routers do not fit."""
+
+
+# ---- the registry ------------------------------------------------------------------------------
+def read_ids_at_slot(output: Any, site: RouterSite) -> torch.Tensor:
+    """The chosen ids ``[N, K]`` from a router's output: element ``site.index_slot`` of the tuple.
+
+    Routers fed ``[B, S, H]`` may return ``[B, S, K]``: that is flattened to rows (a view, no copy).
+    Anything that is not a tensor is handed on as is; the capturer checks it and names what came.
+    """
+    ids = output[site.index_slot] if isinstance(output, (tuple, list)) else output
+    if isinstance(ids, torch.Tensor) and ids.dim() > 2:
+        ids = ids.reshape(-1, site.top_k)
+    return ids
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterAdapter:
+    """What routecap knows about one family of routers.
+
+    Args:
+        family: a short name (``"softmax_topk"``), used in errors and docs.
+        classes: router class names of the family (matched against the router's MRO).
+        scoring: how the family scores experts and picks its top-k, in words: what replay must
+            reproduce for the weights.
+        read_ids: ``(router output, site) -> [N, K]`` chosen ids, as the router's own top-k
+            produced them (never recomputed).
+        force_ids: REPLAY SLOT (issue 13). How to make a router of this family use given ids
+            instead of its own top-k, with its weights computed by the live router at those ids.
+            None: replay is not implemented for the family (replay refuses it by name).
+        refusal: set for families whose output cannot be recorded as routes; the reason.
+    """
+
+    family: str
+    classes: tuple[str, ...] = ()
+    scoring: str = ""
+    read_ids: Callable[[Any, RouterSite], torch.Tensor] = read_ids_at_slot
+    force_ids: Callable[..., Any] | None = None
+    refusal: str | None = None
+
+
+#: Any router that returns exactly one integer ``[N, K]`` tensor (the v5 ``(router_logits,
+#: router_scores, router_indices)`` shape, or a permutation of it); its scoring is not known.
+GENERIC_ADAPTER = RouterAdapter(
+    family="generic",
+    scoring="unknown: ids read from the one integer [N, K] tensor of the router's output",
+)
+
+ROUTER_ADAPTERS: tuple[RouterAdapter, ...] = (
+    RouterAdapter(
+        family="softmax_topk",
+        classes=("MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter",
+                 "OlmoeTopKRouter"),
+        scoring="softmax over the E logits, top-k of the probabilities, then renormalised over "
+                "the k chosen (always for Mixtral, if norm_topk_prob for Qwen2/Qwen3-MoE, OLMoE)",
+    ),
+    RouterAdapter(
+        family="topk_softmax",
+        classes=("GptOssTopKRouter",),
+        scoring="top-k of the logits (router bias included), softmax over the k chosen logits",
+    ),
+    RouterAdapter(
+        family="sigmoid_bias_grouped",
+        classes=("DeepseekV3TopkRouter", "Glm4MoeTopkRouter"),
+        scoring="sigmoid of the logits; choice on sigmoid + e_score_correction_bias, limited to "
+                "the topk_group best of n_group groups (a group scores the sum of its 2 best); "
+                "weights from the unbiased sigmoid at the chosen ids, renormalised if "
+                "norm_topk_prob, times routed_scaling_factor; topk(sorted=False)",
+    ),
+    RouterAdapter(
+        family="softmax_bias_zero_experts",
+        classes=("LongcatFlashTopkRouter",),
+        scoring="softmax over n_routed_experts + zero_expert_num logits; choice on softmax + "
+                "e_score_correction_bias; weights from the unbiased softmax times "
+                "routed_scaling_factor; ids >= n_routed_experts are zero-computation experts "
+                "(E is the logits' width); topk(sorted=False)",
+    ),
+    RouterAdapter(
+        family="skip_as_expert_0",
+        classes=("ZayaRouter",),
+        refusal="its router reports the skip expert as expert 0 (with weight 0), so a route "
+                "cannot tell expert 0 from a skip",
+    ),
+)
+
+
+def adapter_for(router: nn.Module,
+                adapters: Sequence[RouterAdapter] = ROUTER_ADAPTERS) -> RouterAdapter:
+    """The adapter of ``router``'s family: the first whose class names match its MRO, else
+    :data:`GENERIC_ADAPTER`."""
+    names = [cls.__name__ for cls in type(router).__mro__]
+    for name in names:  # the most specific class first
+        for adapter in adapters:
+            if name in adapter.classes:
+                return adapter
+    return GENERIC_ADAPTER
+
+
+# ---- what a model holds ------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class RouterSite:
+    """One MoE router: where it lives and what it chooses."""
+
+    path: str  # module path of the router, e.g. "model.layers.3.mlp.gate"
+    layer: int  # decoder layer number
+    module: nn.Module
+    block: nn.Module  # the MoE block that holds the router and the experts
+    num_experts: int
+    top_k: int
+    index_slot: int  # which element of the router's output tuple holds the top-k ids
+    adapter: RouterAdapter = GENERIC_ADAPTER
+
+    def read_ids(self, output: Any) -> torch.Tensor:
+        """The ids ``[N, K]`` this router chose, from its forward's output."""
+        return self.adapter.read_ids(output, self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEModelInfo:
+    """What :func:`find_moe_routers` learnt about a model."""
+
+    architecture: str
+    model_name: str
+    sites: tuple[RouterSite, ...]
+    num_hidden_layers: int
+    step_module: nn.Module  # the decoder whose forward is one step
+    step_module_path: str
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(s.layer for s in self.sites)
+
+    @property
+    def num_experts(self) -> int:
+        return self.sites[0].num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.sites[0].top_k
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """The router shape of a model, read from its config (:func:`moe_config`)."""
+
+    num_experts: int  # E: the ids a router can choose, [0, E)
+    top_k: int  # K
+    moe_layers: tuple[int, ...]  # the decoder layers that hold a router
+    num_layers: int  # every decoder layer, dense ones included (engines return all of them)
+    architecture: str = ""
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _first_attr(objs: Iterable[Any], names: Sequence[str]) -> int | None:
+    for obj in objs:
+        if obj is None:
+            continue
+        for name in names:
+            v = getattr(obj, name, None)
+            if _positive_int(v):
+                return v
+    return None
+
+
+def read_router_counts(*sources: Any) -> tuple[int | None, int | None]:
+    """(E, K) from the first of ``sources`` (router, experts, block, config, ...) that has them.
+
+    E is widened to the ids the router itself can choose: the largest of the router's own counts
+    and of its score-correction bias (LongCat-Flash appends "zero-computation" experts past the
+    routed ones). None where no source says.
+    """
+    num_experts = _first_attr(sources, NUM_EXPERTS_ATTRS)
+    top_k = _first_attr(sources, TOP_K_ATTRS)
+    router = sources[0] if sources else None
+    wider = [getattr(router, a, None) for a in NUM_EXPERTS_ATTRS]
+    bias = getattr(router, "e_score_correction_bias", None)
+    if isinstance(bias, torch.Tensor) and bias.dim() == 1:
+        wider.append(int(bias.shape[0]))
+    wider = [w for w in wider if _positive_int(w)]
+    if num_experts is not None and wider:
+        num_experts = max(num_experts, *wider)
+    return num_experts, top_k
+
+
+def _architecture(model: nn.Module) -> str:
+    archs = getattr(getattr(model, "config", None), "architectures", None)
+    return str(archs[0]) if archs else type(model).__name__
+
+
+def _text_config(model: nn.Module) -> Any:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        return cfg.get_text_config()
+    return cfg
+
+
+# ---- the probe ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Probe:
+    slot: int  # which output element holds the ids
+    num_experts: int  # ids the router can produce: [0, num_experts)
+
+
+def _describe(outs: Sequence[Any]) -> str:
+    return ", ".join(
+        f"{type(o).__name__}{tuple(o.shape) if isinstance(o, torch.Tensor) else ''}"
+        f"{'/' + str(o.dtype) if isinstance(o, torch.Tensor) else ''}" for o in outs)
+
+
+def _run_once(block: nn.Module, router: nn.Module, x: torch.Tensor
+              ) -> tuple[list[Any], list[Exception]]:
+    """Run the block on ``x`` (or, failing that, the router on its rows) recording the router's
+    own output, whatever other hooks do to it."""
+    recorded: list[Any] = []
+    errors: list[Exception] = []
+    original = router.__dict__.get("forward")
+    bound = router.forward
+
+    def recording_forward(*args: Any, **kwargs: Any) -> Any:
+        out = bound(*args, **kwargs)
+        recorded.append(out)
+        return out
+
+    router.forward = recording_forward
+    try:
+        with torch.no_grad():
+            try:  # the block supplies whatever else its router needs
+                block(x)
+            except Exception as e:  # noqa: BLE001 - fall back to the router alone
+                errors.append(e)
+                recorded.clear()
+                try:
+                    recording_forward(x[0])
+                except Exception as e2:  # noqa: BLE001
+                    errors.append(e2)
+    finally:
+        if original is None:
+            del router.forward
+        else:
+            router.forward = original
+    return recorded, errors
+
+
+def _probe_router(site_path: str, block: nn.Module, router: nn.Module, top_k: int,
+                  num_experts: int, hidden: int | None, arch: str) -> _Probe:
+    """Run the MoE block (or, failing that, its router) on 3 dummy rows and look at what the
+    router returns: which output slot holds the [N, K] integer ids, and how wide its logits are.
+    """
+    cls = type(router).__name__
+    params = list(router.parameters())
+    ref = params[0] if params else None
+    sharded = any(type(p).__name__ == "DTensor" for p in params)
+    if ref is None or ref.device.type == "meta" or hidden is None or sharded:
+        # cannot probe (weights not materialised, or sharded at rest as under FSDP, where they
+        # are all-gathered only inside the forward): capture() checks the output at run time
+        return _Probe(slot=2, num_experts=num_experts)
+    recorded, errors = _run_once(block, router,
+                                 torch.zeros(1, 3, hidden, dtype=ref.dtype, device=ref.device))
+    if not recorded:
+        e = errors[-1]
+        raise UnsupportedModelError(
+            f"{arch}: router {cls} at {site_path} cannot be run on dummy hidden states "
+            f"({type(e).__name__}: {e}); routecap supports routers returning "
+            "(router_logits, router_scores, router_indices)"
+        ) from e
+    out = recorded[0]
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    slots = [
+        i for i, o in enumerate(outs)
+        if isinstance(o, torch.Tensor) and not o.is_floating_point() and o.dtype != torch.bool
+        and o.dim() >= 1 and o.shape[-1] == top_k and o.numel() == 3 * top_k
+    ]
+    if len(slots) != 1:
+        raise UnsupportedModelError(
+            f"{arch}: router {cls} at {site_path} returned ({_describe(outs)}); routecap expects "
+            f"exactly one integer tensor of shape [N, top_k={top_k}] (the chosen expert ids) in "
+            "its output"
+        )
+    # routers with extra "zero-computation" experts (LongCat-Flash) choose ids past the routed
+    # experts: their logits say how many ids there are
+    first = outs[0]
+    width = num_experts
+    if isinstance(first, torch.Tensor) and first.is_floating_point() and first.numel() % 3 == 0 \
+            and first.shape[-1] * 3 == first.numel():
+        width = max(num_experts, int(first.shape[-1]))
+    return _Probe(slot=slots[0], num_experts=width)
+
+
+def _remapped_by(router: nn.Module) -> str | None:
+    """The name of a parallel style that rewrites the router's outputs, if one is installed.
+
+    transformers 5.17's expert parallelism (``enable_expert_parallel``) replaces the router's
+    ``forward`` with a wrapper (``EpRouterParallel``) that turns the chosen global expert ids into
+    this rank's local ids, with a sentinel for experts on other ranks. A hook then sees local ids,
+    which are not the routes: such routers are refused rather than recorded wrongly.
+    """
+    fwd = router.__dict__.get("forward")
+    for cell in getattr(fwd, "__closure__", None) or ():
+        try:
+            obj = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        for cls in type(obj).__mro__:
+            if cls.__name__ in ("EpRouterParallel", "RouterParallel"):
+                return type(obj).__name__
+    return None
+
+
+# ---- discovery ---------------------------------------------------------------------------------
+def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """(path, block, router attribute, router) of every module with experts and a router."""
+    blocks = []
+    for path, mod in model.named_modules():
+        if not isinstance(getattr(mod, "experts", None), nn.Module):
+            continue
+        for attr in _ROUTER_ATTRS:
+            router = getattr(mod, attr, None)
+            if isinstance(router, nn.Module):
+                blocks.append((path, mod, attr, router))
+                break
+    return blocks
+
+
+def _site(arch: str, cfg: Any, path: str, block: nn.Module, attr: str, router: nn.Module,
+          adapters: Sequence[RouterAdapter], probe: bool) -> tuple[RouterSite, str]:
+    """The site of one router, and the path of the layer list that holds its block."""
+    where = f"{path}.{attr}"
+    # the last integer component of the block's path is its decoder layer
+    parts = path.split(".")
+    idx_pos = max((i for i, p in enumerate(parts) if p.isdigit()), default=None)
+    if idx_pos is None:
+        raise UnsupportedModelError(
+            f"{arch}: MoE block at {path!r} is not inside a numbered list of decoder layers")
+    num_experts, top_k = read_router_counts(router, block.experts, block, cfg)
+    if num_experts is None or top_k is None:
+        raise UnsupportedModelError(
+            f"{arch}: cannot tell the number of experts ({num_experts}) or top-k ({top_k}) of "
+            f"the router at {where}; routecap reads E from {list(NUM_EXPERTS_ATTRS)} and K from "
+            f"{list(TOP_K_ATTRS)} of the router, its experts, its block and the text config")
+    style = _remapped_by(router)
+    if style is not None:
+        raise UnsupportedModelError(
+            f"{arch}: the router at {where} is wrapped by transformers' {style}, which "
+            "replaces the chosen global expert ids with this rank's local ids before any hook "
+            "sees them (transformers 5.17 expert parallelism, enable_expert_parallel=True); "
+            "routecap will not record those as routes. Use a transformers with all-to-all "
+            "expert parallelism (DistributedConfig(ep_size=..., ep_implementation="
+            "'all_to_all')) or routecap's gathered dispatch")
+    adapter = adapter_for(router, adapters)
+    if adapter.refusal:
+        raise UnsupportedModelError(
+            f"{arch}: router {type(router).__name__} at {where}: {adapter.refusal}")
+    hidden = _first_attr([cfg], ["hidden_size"]) or _first_attr([router],
+                                                                ["hidden_dim", "hidden_size"])
+    w = getattr(router, "weight", None)
+    if hidden is None and isinstance(w, torch.Tensor) and w.dim() == 2:
+        hidden = int(w.shape[1])
+    slot = 2
+    if probe:
+        found = _probe_router(where, block, router, top_k, num_experts, hidden, arch)
+        slot, num_experts = found.slot, found.num_experts
+    site = RouterSite(path=where, layer=int(parts[idx_pos]), module=router, block=block,
+                      num_experts=num_experts, top_k=top_k, index_slot=slot, adapter=adapter)
+    return site, ".".join(parts[:idx_pos])
+
+
+def find_moe_routers(model: nn.Module, *, probe: bool = True,
+                     adapters: Sequence[RouterAdapter] = ROUTER_ADAPTERS) -> MoEModelInfo:
+    """Find every MoE router of a transformers model, or refuse the model with a clear error.
+
+    A MoE block is a module with an ``experts`` child and a ``gate`` or ``router`` child; its layer
+    number is the index of the decoder layer that holds it. All routers must share E and K. Each
+    router gets the adapter of its family (``adapters``, by class name). ``probe`` runs each block
+    on 3 dummy rows to find which output holds the ids (off for models on the meta device).
+    """
+    arch = _architecture(model)
+    cfg = _text_config(model)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{arch}: encoder-decoder models are not supported; routecap captures decoder-only "
+            "causal language models")
+    blocks = _moe_blocks(model)
+    if not blocks:
+        raise UnsupportedModelError(
+            f"{arch}: no MoE block routecap can capture (it looks for a module with an "
+            "`experts` child and a `gate` or `router` child, as transformers v5 MoE models have)")
+    sites: list[RouterSite] = []
+    list_paths: set[str] = set()
+    for path, block, attr, router in blocks:
+        site, list_path = _site(arch, cfg, path, block, attr, router, adapters, probe)
+        sites.append(site)
+        list_paths.add(list_path)
+    if len(list_paths) != 1:
+        raise UnsupportedModelError(
+            f"{arch}: MoE blocks live in several layer lists {sorted(list_paths)}; routecap "
+            "captures one decoder stack")
+    sites.sort(key=lambda s: s.layer)
+    layers = [s.layer for s in sites]
+    if len(set(layers)) != len(layers):
+        raise UnsupportedModelError(f"{arch}: more than one MoE router per decoder layer {layers}")
+    ek = {(s.num_experts, s.top_k) for s in sites}
+    if len(ek) != 1:
+        raise UnsupportedModelError(
+            f"{arch}: routers disagree on (num_experts, top_k): {sorted(ek)}; a trace has one E "
+            "and K")
+    (list_path,) = list_paths
+    step_path = list_path.rpartition(".")[0] if "." in list_path else ""
+    layer_list = model.get_submodule(list_path)
+    num_hidden = len(layer_list) if isinstance(layer_list, (nn.ModuleList, nn.Sequential)) else (
+        _first_attr([cfg], ["num_hidden_layers"]) or max(layers) + 1)
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or getattr(
+        model, "name_or_path", "") or arch
+    return MoEModelInfo(architecture=arch, model_name=str(name), sites=tuple(sites),
+                        num_hidden_layers=num_hidden, step_module=model.get_submodule(step_path),
+                        step_module_path=step_path)
+
+
+def moe_config(config: Any) -> MoEConfig:
+    """(E, K, moe layers, layer count) of a transformers config, no weights needed.
+
+    The model is built on the meta device and searched by :func:`find_moe_routers` (no probe), so
+    every architecture's own rule for dense layers (``mlp_only_layers``, ``first_k_dense_replace``,
+    ``decoder_sparse_step``, ``layer_types``, ...) and every spelling of E and K
+    (:data:`NUM_EXPERTS_ATTRS`, :data:`TOP_K_ATTRS`) apply exactly as in capture. Engines that
+    return all layers (vLLM, SGLang) need this to drop the dense ones.
+    """
+    import transformers
+
+    model = None
+    # a vision-language wrapper has no causal-LM class: its decoder is found the same way
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText):
+        try:
+            with torch.device("meta"):
+                model = auto.from_config(config)
+            break
+        except ValueError as e:  # "Unrecognized configuration class ... for this kind of AutoModel"
+            error = e
+    if model is None:
+        raise UnsupportedModelError(
+            f"{type(config).__name__} ({getattr(config, 'model_type', '?')}): no causal or "
+            f"image-text-to-text model class in transformers ({error})")
+    info = find_moe_routers(model, probe=False)
+    return MoEConfig(num_experts=info.num_experts, top_k=info.top_k, moe_layers=info.moe_layers,
+                     num_layers=info.num_hidden_layers, architecture=info.architecture)
+
+
+def moe_layers_from_config(config: Any) -> tuple[int, ...]:
+    """The decoder layers that hold a router, for a transformers config (:func:`moe_config`)."""
+    return moe_config(config).moe_layers
+
+
+# ---- feeding a capturer ------------------------------------------------------------------------
+def router_hook(site: RouterSite, index: int,
+                capture: Callable[[int, torch.Tensor], None]) -> Callable[..., None]:
+    """A forward hook for ``site.module`` that hands its chosen ids to ``capture(index, ids)``.
+
+    This is how every binding feeds a :class:`routecap.capturer.StepCapturer` (whose ``capture``
+    fits): one device copy per layer, no host sync, so it also records into a CUDA graph.
+    """
+    read = site.adapter.read_ids
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        capture(index, read(output, site))
+
+    return hook
+
+
+def attach_router_hooks(info: MoEModelInfo, capture: Callable[[int, torch.Tensor], None]
+                        ) -> list[Any]:
+    """Hook every router of a model (:func:`find_moe_routers`); returns the handles to remove."""
+    return [s.module.register_forward_hook(router_hook(s, i, capture))
+            for i, s in enumerate(info.sites)]
