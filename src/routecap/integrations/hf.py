@@ -15,7 +15,7 @@ then turns columns into request positions using the left padding of the prompt b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
