@@ -527,6 +527,24 @@ def test_budget_covers_the_block_tables():
     s.check_invariants()
 
 
+def test_room_for_a_prefix_hit_never_evicts_the_hit_block():
+    # found by the 100k-step simulator run: the new request's table needs room, the pool's only
+    # evictable block is the cached block the request hits; evicting it turned the hit into a
+    # wait the byte accounting had not made room for
+    s = store(budget_bytes=budget(3, requests=2))
+    s.add_request("a", prompt_len=4)
+    s.write("a", 0, rows(1, 2, 3, 4))
+    s.publish("a", ["h0"])
+    s.free("a")  # h0 cached, unreferenced: the first block to go
+    s.add_request("x", prompt_len=16)
+    s.write("x", 0, rows(*range(10, 26)))  # 4 blocks: with one request's table, 7 fit
+    assert s.evictions == 0
+    # b's table lowers the limit to 3 blocks: two must go, and they are x's, not h0
+    assert s.add_request("b", prompt_len=5, num_cached_tokens=4, block_hashes=["h0"]) == 4
+    s.check_invariants()
+    assert firsts(s.take("b")) == [1, 2, 3, 4] and s.evictions == 2
+
+
 def test_restart_releases_every_block():
     s = store()
     s.add_request("a", prompt_len=10)

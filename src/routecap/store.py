@@ -197,8 +197,10 @@ class RouteStore:
                              f"{prompt_len!r}")
         hashes = self._check_cached(where, num_cached_tokens, block_hashes)
         nb = len(hashes)
+        # the blocks this request hits are pinned: room for its table must not evict them (its
+        # waits, counted now, would then be more than the bytes made room for)
         self.t.make_room(where, 0, _REQUEST_BYTES + self.t.growth_bytes(None, max(nb, 1))
-                        + self.t.wait_bytes(hashes), np.zeros(0, np.int64))
+                         + self.t.wait_bytes(hashes), self.t.hit_blocks(hashes))
         req = self.t.new_request(request, int(prompt_len), nb)
         return self.t.attach(req, hashes)
 
@@ -208,8 +210,8 @@ class RouteStore:
         req = self.t.get(request)
         where = f"restart({request!r})"
         hashes = self._check_cached(where, num_cached_tokens, block_hashes)
-        self.t.make_room(where, 0, self.t.growth_bytes(req, len(hashes)) + self.t.wait_bytes(hashes),
-                        np.zeros(0, np.int64))
+        self.t.make_room(where, 0, self.t.growth_bytes(req, len(hashes))
+                         + self.t.wait_bytes(hashes), self.t.hit_blocks(hashes))
         self.t.drop_entries(req, 0)
         self.t.length[req.slot] = 0
         req.published = 0

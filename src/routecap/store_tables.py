@@ -166,6 +166,11 @@ class RequestTables:
         by_hash = self.pool.by_hash
         return _WAIT_BYTES * sum(h not in by_hash for h in hashes)
 
+    def hit_blocks(self, hashes: list[Hashable]) -> np.ndarray:
+        """The published blocks of ``hashes`` (to pin while room is made for a prefix hit)."""
+        by_hash = self.pool.by_hash
+        return np.array([by_hash[h] for h in hashes if h in by_hash], np.int64)
+
     def attach(self, req: _Request, hashes: list[Hashable]) -> int:
         pool, P = self.pool, self.block_size
         have = 0
