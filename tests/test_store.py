@@ -273,12 +273,12 @@ def test_pool_never_exceeds_the_budget():
 
 
 # ---- the simulator fuzz ------------------------------------------------------------------------
-# 100,000+ steps in all (the slow part): every returned cell is the true route or missing, and
-# missing only where the budget forced an eviction (the simulator asserts it on every take, and
-# the store's invariants after every step); none missing without evictions. A few seeds of each
-# kind run by default.
-FUZZ = ([(seed, 4_000, None) for seed in range(16)]
-        + [(100 + seed, 4_000, 6 + 4 * seed) for seed in range(10)])
+# 32,000 steps in the slow part (a 100k-step run is in the notes of issue 12): every returned
+# cell is the true route or missing, and missing only where the budget forced an eviction (the
+# simulator asserts it on every take, and the store's invariants after every step); none missing
+# without evictions. A few seeds of each kind run by default.
+FUZZ = ([(seed, 2_000, None) for seed in range(10)]
+        + [(100 + seed, 2_000, 6 + 4 * seed) for seed in range(6)])
 FAST = [(0, 600, None), (1, 600, None), (100, 600, 6), (103, 600, 18)]
 
 
