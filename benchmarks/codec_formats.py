@@ -87,15 +87,16 @@ def captured_trace(layers: int, experts: int, top_k: int, tokens: int) -> Routin
 
 
 # Skew of each layer's expert popularity: Zipf exponents drawn per layer from this range. With
-# 128 experts, (0.7, 1.2) gives a busiest expert at 6-11x the mean load per layer over 8k tokens
-# (measured and printed by the run), as reported for Qwen3-30B-A3B: 7.2x at layer 0 after 30
+# 128 experts, (0.7, 1.2) gives a busiest expert at 7-13x the mean load per layer over 8k tokens
+# (median 10x; measured and printed by the run), as reported for Qwen3-30B-A3B: 7.2x at layer 0 after 30
 # requests on a live server, 13-16x per forward at small batches (kekzl/imp PR #1741; and
 # QwenLM/Qwen3 issue #1418: its balancing loss averages all layers, so it does not stop one
 # layer's skew). DeepSeek-V3 is trained with auxiliary-loss-free bias balancing (arXiv 2412.19437)
 # and is milder, yet serving it still loses a sixth of prefill throughput to uneven expert load
 # until experts are re-placed by measured load (ROCm/ATOM PR #1210: +16.7% from re-placement alone,
 # DeepSeek-V4-Pro at EP=8; sgl-project/sglang issue #5309 shows the hot experts of DeepSeek-R1's
-# first MoE layer): (0.4, 0.8) for the 256-expert shape.
+# first MoE layer): (0.4, 0.8) for the 256-expert shape (5-14x, median 9x: with twice the
+# experts, a milder exponent gives a similar busiest-to-mean ratio).
 ZIPF = {128: (0.7, 1.2), 256: (0.4, 0.8)}
 # Neighbouring tokens: routers send consecutive tokens to the same experts more often than chance
 # (Mixtral's routing analysis, arXiv 2401.04088 section 5). Modelled as a per-layer "topic"
@@ -112,13 +113,14 @@ def realistic_trace(layers: int, experts: int, top_k: int, tokens: int,
     neighbouring tokens, and Gumbel noise (so that without the topic, top-K is sampling K
     experts without replacement by popularity); the K best in score order are the route.
     """
-    path = CACHE / f"realistic-L{layers}-E{experts}-K{top_k}-T{tokens}-s{seed}.safetensors"
+    lo, hi = ZIPF[experts]
+    path = CACHE / (f"realistic-L{layers}-E{experts}-K{top_k}-T{tokens}-s{seed}-z{lo}-{hi}"
+                    f"-w{SWITCH}-t{TOPIC}.safetensors")  # the parameters name the file
     if path.exists():
         return load_file(path)[0]
     rng = np.random.default_rng(seed)
     ids = np.empty((tokens, layers, top_k), np.int64)
     seg = np.cumsum(rng.random(tokens) < SWITCH)
-    lo, hi = ZIPF[experts]
     for layer in range(layers):
         logp = -rng.uniform(lo, hi) * np.log(np.arange(1, experts + 1))[rng.permutation(experts)]
         topic = TOPIC * rng.standard_normal((int(seg[-1]) + 1, experts)).astype(np.float32)
@@ -143,6 +145,23 @@ def _elementary(w: np.ndarray, k: int) -> np.ndarray:
     return e
 
 
+def fit_weights(n: np.ndarray, T: int, K: int, iters: int = 50) -> np.ndarray:
+    """Weights w of the maximum-entropy distribution over K-subsets, P(S) = prod w_e / e_K(w),
+    whose inclusion probabilities are n / T (iterative scaling; mean weight 1)."""
+    q = n / T  # P(expert in the row); sums to K
+    w = np.where(q > 0, q / np.maximum(1 - q, 1e-9), 0.0)
+    for _ in range(iters):
+        w /= w[w > 0].mean()
+        e = _elementary(w, K)
+        rest = np.zeros((K, len(n)))  # e_r of w without expert e, for r < K
+        rest[0] = 1.0
+        for r in range(1, K):
+            rest[r] = e[r] - w * rest[r - 1]
+        pi = w * rest[K - 1] / e[K]
+        w = np.where(q > 0, w * q / np.maximum(pi, 1e-300), 0.0)
+    return w / w[w > 0].mean()
+
+
 def observed_entropy(trace: RoutingTrace) -> dict[str, float]:
     """What the routes are: per-layer load skew, neighbour overlap, and bits per row.
 
@@ -162,18 +181,7 @@ def observed_entropy(trace: RoutingTrace) -> dict[str, float]:
         member = np.zeros((T, E), bool)
         np.put_along_axis(member, x, True, axis=1)
         overlap.append((member[1:] & member[:-1]).sum(1).mean() / K)
-        q = n / T  # P(expert in the row); sums to K
-        w = np.where(q > 0, q / np.maximum(1 - q, 1e-9), 0.0)
-        for _ in range(50):  # scale w until the model's inclusion probabilities match q
-            w /= w[w > 0].mean()
-            e = _elementary(w, K)
-            rest = np.zeros((K, E))  # e_r of w without expert e, for r < K
-            rest[0] = 1.0
-            for r in range(1, K):
-                rest[r] = e[r] - w * rest[r - 1]
-            pi = w * rest[K - 1] / e[K]
-            w = np.where(q > 0, w * q / np.maximum(pi, 1e-300), 0.0)
-        w /= w[w > 0].mean()
+        w = fit_weights(n, T, K)
         e = _elementary(w, K)
         used = n > 0
         bits += (-(n[used] * np.log2(w[used])).sum()) / T + math.log2(e[K])

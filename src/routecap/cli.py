@@ -359,6 +359,54 @@ def convert(
     out.print(f"converted {n} traces: {src} ({src_fmt}) -> {dst} ({to.value})", markup=False)
 
 
+class PlacementFormat(str, Enum):
+    sglang = "sglang"
+    vllm = "vllm"
+    routecap = "routecap"
+
+
+@app.command()
+def report(
+    traces: Annotated[Path, typer.Argument(help="A trace folder or file.")],
+    out_path: Annotated[Path, typer.Option("--out", help="The HTML file to write.")]
+    = Path("report.html"),
+    vs: Annotated[Path | None, typer.Option(help="Traces of the same requests to compare with "
+                                                 "(e.g. a training re-capture).")] = None,
+    ep_size: Annotated[int | None, typer.Option(min=1, help="Expert-parallel size G for the "
+                                                "placement section (default: 8, 4 or 2).")] = None,
+    redundant: Annotated[int, typer.Option(min=0, help="Redundant expert slots R.")] = 0,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer folder for token text "
+                                                       "(automatic for built-in models).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out.")] = False,
+) -> None:
+    """Write one self-contained HTML report (expert load, positions, co-activation, placement)."""
+    from .report.commands import report_command
+
+    report_command(traces=traces, out_path=out_path, vs=vs, ep_size=ep_size, redundant=redundant,
+                   tokenizer=tokenizer, overwrite=overwrite, out=out, err=err)
+
+
+@app.command()
+def placement(
+    traces: Annotated[Path, typer.Argument(help="A trace folder or file.")],
+    ep_size: Annotated[int, typer.Option(min=1, help="Expert-parallel size G (GPUs).")],
+    out_path: Annotated[Path, typer.Option("--out", help="The placement file to write.")],
+    redundant: Annotated[int, typer.Option(min=0, help="Redundant expert slots R.")] = 0,
+    fmt: Annotated[PlacementFormat, typer.Option("--format", help="sglang: the file of "
+                                                 "--init-expert-location; vllm: EplbState's maps; "
+                                                 "routecap: the map with loads.")]
+    = PlacementFormat.sglang,
+    num_layers: Annotated[int | None, typer.Option(help="All decoder layers, for --format sglang "
+                                                   "(default: the highest MoE layer + 1).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out.")] = False,
+) -> None:
+    """Plan a balanced expert placement from captured load, write it for an engine and print it."""
+    from .report.commands import placement_command
+
+    placement_command(traces=traces, ep_size=ep_size, redundant=redundant, out_path=out_path,
+                      fmt=fmt.value, num_layers=num_layers, overwrite=overwrite, out=out, err=err)
+
+
 @app.command()
 def doctor() -> None:
     """Report versions, the codec's fast path, and whether the vLLM plugin's fix is active."""
@@ -405,6 +453,30 @@ def doctor() -> None:
     for k, v in rows:
         t.add_row(k, v)
     out.print(t)
+
+
+@app.command()
+def diff(
+    a: Annotated[Path, typer.Argument(help="Trace folder (or file) A: the reference, e.g. inference.")],
+    b: Annotated[Path, typer.Argument(help="Trace folder (or file) B: the same requests, e.g. a "
+                                           "training re-capture.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the agreement as JSON.")] = False,
+    strict: Annotated[bool, typer.Option(help="A request whose tokens differ between A and B is an "
+                                              "error (default: compare up to the first "
+                                              "difference).")] = False,
+) -> None:
+    """Routing agreement of two captures of the same requests, per MoE layer and overall."""
+    from .diff import diff_traces
+    from .files import TraceFileError
+
+    try:
+        g = diff_traces(a, b, diverged="error" if strict else "prefix")
+    except (TraceFileError, ValueError) as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        out.print_json(json.dumps(g.to_dict()))
+    else:
+        out.print(g.table(title=f"routing agreement: {a} vs {b}"))
 
 
 def _token_decoder(trace: Any, tokenizer: str | None) -> Any:

@@ -200,8 +200,6 @@ class RoutingTrace:
         ``moe_layers`` becomes a tuple and an all-False ``missing`` becomes ``None``, as in the
         constructor. The arrays are used as given (no copy: read-only views stay read-only).
         """
-        if isinstance(missing, np.ndarray) and missing.dtype == np.bool_ and not missing.any():
-            missing = None
         t = object.__new__(cls)
         for name, value in (
             ("expert_ids", expert_ids), ("num_experts", num_experts),
@@ -213,6 +211,8 @@ class RoutingTrace:
         ):
             object.__setattr__(t, name, value)
         _validate_metadata(t)
+        if t.missing is not None and not t.missing.any():
+            object.__setattr__(t, "missing", None)  # "nothing missing" has one spelling
         return t
 
     # ---- shape --------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ then turns columns into request positions using the left padding of the prompt b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,13 +178,11 @@ class HFRouteCapture:
     def __enter__(self) -> HFRouteCapture:
         if self._handles:
             raise RuntimeError("HFRouteCapture is already active")
-        cap = self.capturer
-        for index, site in enumerate(self.info.sites):
-            self._handles.append(site.module.register_forward_hook(self._router_hook(index, site)))
+        # a forward hook per router, or a top-k reader for routers whose output holds no ids
+        self._handles.extend(attach_router_hooks(self.info, self.capturer.capture))
         step = self.info.step_module
         self._handles.append(step.register_forward_pre_hook(self._pre_step, with_kwargs=True))
         self._handles.append(step.register_forward_hook(self._post_step))
-        del cap
         if self.dispatch is not None:
             self.dispatch.install()
         return self
@@ -206,9 +204,6 @@ class HFRouteCapture:
             self.dispatch.remove()
         if self.capturer.in_step:
             self.capturer.abort_step()
-
-    def _router_hook(self, index: int, site: RouterSite) -> Callable[..., None]:
-        return router_hook(site, index, self.capturer.capture)
 
     def _pre_step(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cap = self.capturer

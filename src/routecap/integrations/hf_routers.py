@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .hf_topk import ROUTER_TOPK, TopkReader, TopkScope
+
 __all__ = [
     "GENERIC_ADAPTER",
     "MoEConfig",
@@ -79,19 +81,23 @@ class RouterAdapter:
         scoring: how the family scores experts and picks its top-k, in words: what replay must
             reproduce for the weights.
         read_ids: ``(router output, site) -> [N, K]`` chosen ids, as the router's own top-k
-            produced them (never recomputed).
-        force_ids: REPLAY SLOT (issue 13). How to make a router of this family use given ids
-            instead of its own top-k, with its weights computed by the live router at those ids.
-            None: replay is not implemented for the family (replay refuses it by name).
+            produced them (never recomputed); None for routers whose output holds no ids: their
+            ids are read at the final top-k itself (``force_ids`` says where it is).
+        force_ids: where the family's final top-k call is (:class:`.hf_topk.TopkScope`): routing
+            replay answers that call with the given ids and the router's scores at them, so the
+            router's own code computes the weights (``routecap.replay``). None: replay is not
+            possible for the family; ``replay_refusal`` says why.
         refusal: set for families whose output cannot be recorded as routes; the reason.
+        replay_refusal: why the family cannot be replayed (with ``force_ids=None``).
     """
 
     family: str
     classes: tuple[str, ...] = ()
     scoring: str = ""
-    read_ids: Callable[[Any, RouterSite], torch.Tensor] = read_ids_at_slot
-    force_ids: Callable[..., Any] | None = None
+    read_ids: Callable[[Any, RouterSite], torch.Tensor] | None = read_ids_at_slot
+    force_ids: TopkScope | None = ROUTER_TOPK
     refusal: str | None = None
+    replay_refusal: str | None = None
 
 
 #: Any router that returns exactly one integer ``[N, K]`` tensor (the v5 ``(router_logits,
@@ -131,6 +137,52 @@ ROUTER_ADAPTERS: tuple[RouterAdapter, ...] = (
                 "(E is the logits' width); topk(sorted=False)",
     ),
     RouterAdapter(
+        family="softmax_group_limited_greedy",
+        classes=("DeepseekV2TopkRouter",),
+        scoring="softmax over the logits; top-k over it (topk_method='greedy'), or over a copy "
+                "with the groups outside the topk_group best (by their best score) set to 0 "
+                "('group_limited_greedy'), whose top-k VALUES are the weights; times "
+                "routed_scaling_factor. Replay reads a replayed id's weight from the unmasked "
+                "softmax (a masked copy would give an id in a dropped group weight 0)",
+        force_ids=TopkScope(values_from="softmax"),
+    ),
+    RouterAdapter(
+        family="sigmoid_topk_dense",
+        classes=("Llama4Router",),
+        scoring="top-k of the logits; sigmoid of the chosen logits, -inf (weight 0) elsewhere, "
+                "returned as [N, E] scores with the logits: no ids in the output; the experts "
+                "run densely on inputs scaled by the scores",
+        read_ids=None,
+    ),
+    RouterAdapter(
+        family="softmax_topk_pnorm_in_block",
+        classes=("DbrxRouter",),
+        scoring="the router returns logits only; the block (route_tokens_to_experts) takes "
+                "softmax, top-k, and divides the chosen by their p-norm "
+                "(moe_normalize_expert_weights)",
+        read_ids=None,
+        force_ids=TopkScope(owner="block", method="route_tokens_to_experts"),
+    ),
+    RouterAdapter(
+        family="sparsemixer",
+        classes=("PhimoeTopKRouter",),
+        scoring="sparsemixer: the best expert by max, its weight a softmax over the scores within "
+                "a relative threshold of it; then the same again with that expert masked (Gumbel "
+                "sampling and a Heun's-method gradient estimator in training)",
+        force_ids=None,
+        replay_refusal="its sparsemixer picks experts one at a time by max and a relative-score "
+                       "threshold mask (Gumbel sampling in training), with no top-k call to "
+                       "replace; replaying it needs the sparsemixer rewritten, not done",
+    ),
+    RouterAdapter(
+        family="hash",
+        classes=("DeepseekV4HashRouter",),
+        scoring="routes by token id through a fixed table (router(hidden, input_ids))",
+        force_ids=None,
+        replay_refusal="hash routing: its layers route by token id (router(hidden, input_ids)), "
+                       "not by a top-k of scores; capture refuses it too",
+    ),
+    RouterAdapter(
         family="skip_as_expert_0",
         classes=("ZayaRouter",),
         refusal="its router reports the skip expert as expert 0 (with weight 0), so a route "
@@ -167,6 +219,9 @@ class RouterSite:
 
     def read_ids(self, output: Any) -> torch.Tensor:
         """The ids ``[N, K]`` this router chose, from its forward's output."""
+        if self.adapter.read_ids is None:
+            raise TypeError(f"{self.path}: a {type(self.module).__name__} returns no ids; they are "
+                            "read at its top-k (attach_router_hooks)")
         return self.adapter.read_ids(output, self)
 
 
@@ -299,8 +354,31 @@ def _run_once(block: nn.Module, router: nn.Module, x: torch.Tensor
     return recorded, errors
 
 
+def _probe_topk(site_path: str, block: nn.Module, router: nn.Module, scope: TopkScope,
+                top_k: int, num_experts: int, x: torch.Tensor, arch: str) -> None:
+    """For a router read at its final top-k: one block run must hand over one [3, K] ids."""
+    got: list[torch.Tensor] = []
+    reader = TopkReader(router, block, scope, num_experts=num_experts, top_k=top_k,
+                        name=f"{arch}: router {type(router).__name__} at {site_path}",
+                        read=got.append)
+    try:
+        with torch.no_grad():
+            block(x)
+    except Exception as e:  # noqa: BLE001 - named below
+        raise UnsupportedModelError(
+            f"{arch}: router {type(router).__name__} at {site_path}: its block cannot be run on "
+            f"dummy hidden states with its final top-k read ({type(e).__name__}: {e})") from e
+    finally:
+        reader.remove()
+    if len(got) != 1 or tuple(got[0].shape) != (3, top_k):
+        raise UnsupportedModelError(
+            f"{arch}: router {type(router).__name__} at {site_path}: expected one final top-k of "
+            f"[3, {top_k}] ids over 3 dummy rows, got {[tuple(g.shape) for g in got]}")
+
+
 def _probe_router(site_path: str, block: nn.Module, router: nn.Module, top_k: int,
-                  num_experts: int, hidden: int | None, arch: str) -> _Probe:
+                  num_experts: int, hidden: int | None, arch: str,
+                  adapter: RouterAdapter = GENERIC_ADAPTER) -> _Probe:
     """Run the MoE block (or, failing that, its router) on 3 dummy rows and look at what the
     router returns: which output slot holds the [N, K] integer ids, and how wide its logits are.
     """
@@ -312,8 +390,12 @@ def _probe_router(site_path: str, block: nn.Module, router: nn.Module, top_k: in
         # cannot probe (weights not materialised, or sharded at rest as under FSDP, where they
         # are all-gathered only inside the forward): capture() checks the output at run time
         return _Probe(slot=2, num_experts=num_experts)
-    recorded, errors = _run_once(block, router,
-                                 torch.zeros(1, 3, hidden, dtype=ref.dtype, device=ref.device))
+    x = torch.zeros(1, 3, hidden, dtype=ref.dtype, device=ref.device)
+    if adapter.read_ids is None:  # no ids in the output: read at the final top-k
+        _probe_topk(site_path, block, router, adapter.force_ids or ROUTER_TOPK, top_k,
+                    num_experts, x, arch)
+        return _Probe(slot=-1, num_experts=num_experts)
+    recorded, errors = _run_once(block, router, x)
     if not recorded:
         e = errors[-1]
         raise UnsupportedModelError(
@@ -415,7 +497,7 @@ def _site(arch: str, cfg: Any, path: str, block: nn.Module, attr: str, router: n
         hidden = int(w.shape[1])
     slot = 2
     if probe:
-        found = _probe_router(where, block, router, top_k, num_experts, hidden, arch)
+        found = _probe_router(where, block, router, top_k, num_experts, hidden, arch, adapter)
         slot, num_experts = found.slot, found.num_experts
     site = RouterSite(path=where, layer=int(parts[idx_pos]), module=router, block=block,
                       num_experts=num_experts, top_k=top_k, index_slot=slot, adapter=adapter)
@@ -525,6 +607,18 @@ def router_hook(site: RouterSite, index: int,
 
 def attach_router_hooks(info: MoEModelInfo, capture: Callable[[int, torch.Tensor], None]
                         ) -> list[Any]:
-    """Hook every router of a model (:func:`find_moe_routers`); returns the handles to remove."""
-    return [s.module.register_forward_hook(router_hook(s, i, capture))
-            for i, s in enumerate(info.sites)]
+    """Hook every router of a model (:func:`find_moe_routers`); returns the handles to remove.
+
+    Routers whose output holds no ids (Llama 4, DBRX) are read at their final top-k
+    (:class:`.hf_topk.TopkReader`): the ids their own top-k produced, never a recomputation.
+    """
+    handles: list[Any] = []
+    for i, s in enumerate(info.sites):
+        if s.adapter.read_ids is None:
+            handles.append(TopkReader(
+                s.module, s.block, s.adapter.force_ids or ROUTER_TOPK, num_experts=s.num_experts,
+                top_k=s.top_k, name=f"{info.architecture} {type(s.module).__name__} at {s.path}",
+                read=lambda ids, i=i: capture(i, ids)))
+        else:
+            handles.append(s.module.register_forward_hook(router_hook(s, i, capture)))
+    return handles
