@@ -295,7 +295,7 @@ TABLE_ROOM_REQUESTS = 24
 
 def budget_bytes(blocks: int, *, L: int, K: int, block_size: int) -> int:
     """A budget of ``blocks`` blocks plus the block tables of the simulator's requests."""
-    from routecap.store import _ENTRY_BYTES, _REQUEST_BYTES
+    from routecap.store_tables import _ENTRY_BYTES, _REQUEST_BYTES
 
     block = block_size * L * K + block_size * L + block_size + 128
     tables = TABLE_ROOM_REQUESTS * (_REQUEST_BYTES + 16 * _ENTRY_BYTES)

@@ -9,9 +9,6 @@ from hypothesis import strategies as st
 from scheduler_sim import budget_bytes, simulate
 
 from routecap.store import (
-    _ENTRY_BYTES,
-    _REQUEST_BYTES,
-    _WAIT_BYTES,
     EVICTED,
     NOT_WRITTEN,
     PENDING,
@@ -19,6 +16,7 @@ from routecap.store import (
     RouteStore,
     StoreError,
 )
+from routecap.store_tables import _ENTRY_BYTES, _REQUEST_BYTES, _WAIT_BYTES
 
 P = 4  # block size in these hand-worked cases
 
@@ -275,12 +273,12 @@ def test_pool_never_exceeds_the_budget():
 
 
 # ---- the simulator fuzz ------------------------------------------------------------------------
-# 100,000+ steps in all (the slow part): every returned cell is the true route or missing, and
-# missing only where the budget forced an eviction (the simulator asserts it on every take, and
-# the store's invariants after every step); none missing without evictions. A few seeds of each
-# kind run by default.
-FUZZ = ([(seed, 4_000, None) for seed in range(16)]
-        + [(100 + seed, 4_000, 6 + 4 * seed) for seed in range(10)])
+# 32,000 steps in the slow part (a 100k-step run is in the notes of issue 12): every returned
+# cell is the true route or missing, and missing only where the budget forced an eviction (the
+# simulator asserts it on every take, and the store's invariants after every step); none missing
+# without evictions. A few seeds of each kind run by default.
+FUZZ = ([(seed, 2_000, None) for seed in range(10)]
+        + [(100 + seed, 2_000, 6 + 4 * seed) for seed in range(6)])
 FAST = [(0, 600, None), (1, 600, None), (100, 600, 6), (103, 600, 18)]
 
 
@@ -529,6 +527,24 @@ def test_budget_covers_the_block_tables():
     s.check_invariants()
 
 
+def test_room_for_a_prefix_hit_never_evicts_the_hit_block():
+    # found by the 100k-step simulator run: the new request's table needs room, the pool's only
+    # evictable block is the cached block the request hits; evicting it turned the hit into a
+    # wait the byte accounting had not made room for
+    s = store(budget_bytes=budget(3, requests=2))
+    s.add_request("a", prompt_len=4)
+    s.write("a", 0, rows(1, 2, 3, 4))
+    s.publish("a", ["h0"])
+    s.free("a")  # h0 cached, unreferenced: the first block to go
+    s.add_request("x", prompt_len=16)
+    s.write("x", 0, rows(*range(10, 26)))  # 4 blocks: with one request's table, 7 fit
+    assert s.evictions == 0
+    # b's table lowers the limit to 3 blocks: two must go, and they are x's, not h0
+    assert s.add_request("b", prompt_len=5, num_cached_tokens=4, block_hashes=["h0"]) == 4
+    s.check_invariants()
+    assert firsts(s.take("b")) == [1, 2, 3, 4] and s.evictions == 2
+
+
 def test_restart_releases_every_block():
     s = store()
     s.add_request("a", prompt_len=10)
@@ -646,18 +662,21 @@ def test_random_calls_match_a_reference(ops, tight):
                 s.free(rid)
                 del ref.reqs[rid]
             else:
-                got = s.take(rid).to_numpy()[:, 0].tolist()
-                want = [[-1, -1] if x is None else x for x in rows_]
-                if tight:
-                    assert all(gr == w or gr == [-1, -1] for gr, w in zip(got, want, strict=True))
-                else:
-                    assert got == want
+                _check_take(s, rid, g, rows_, tight)
         except StoreError as e:
             assert tight and "cannot hold" in str(e), e
         s.check_invariants()
-    for rid, (_, rows_, _) in ref.reqs.items():
-        got = s.take(rid).to_numpy()[:, 0].tolist()
-        want = [[-1, -1] if x is None else x for x in rows_]
-        assert len(got) == len(want)
-        if not tight:
-            assert got == want, rid
+    for rid, (g, rows_, _) in ref.reqs.items():
+        _check_take(s, rid, g, rows_, tight)
+
+
+def _check_take(s, rid, group, want, tight):
+    """Every cell is the true route or missing; with room, every cell the reference has is there
+    (the store may also have rows the reference does not: a block published with a missing row
+    still gives a waiting request its other rows)."""
+    got = s.take(rid).to_numpy()[:, 0].tolist()
+    assert len(got) == len(want), rid
+    for p, (gr, w) in enumerate(zip(got, want, strict=True)):
+        assert gr in (_true_row(group, p), [-1, -1]), (rid, p, gr)
+        if not tight and w is not None:
+            assert gr == w, (rid, p, gr, w)

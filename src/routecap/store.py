@@ -46,12 +46,12 @@ request as it was. Every refusal is a :class:`StoreError`.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .block_pool import BlockPool
+from .store_tables import _LOST, _REQUEST_BYTES, _WAIT, RequestTables, StoreError
 from .store_rows import (
     SEG_APPEND,
     SEG_FAST,
@@ -67,37 +67,7 @@ __all__ = ["PRESENT", "EVICTED", "NOT_WRITTEN", "PENDING", "RouteStore", "StoreE
 
 #: :meth:`RouteStore.coverage` codes, per position.
 PRESENT, EVICTED, NOT_WRITTEN, PENDING = 0, 1, 2, 3
-# table entries that name no block
-_LOST = -1  # the engine had the block, the store had evicted it (or the block was evicted later)
-_GAP = -2  # never written (a seek past the end)
-_WAIT = -3  # a prefix-cache hit on a hash not published yet
 _BLOCK_BOOKKEEPING = 128  # per block beyond ids/mask/lost: generation, refs, clock, flags, hash index
-_REQUEST_BYTES = 512  # per request: its record, dict entry and array headers (an upper bound)
-_ENTRY_BYTES = 16  # per block-table slot: block (int64) and generation (int64)
-_WAIT_BYTES = 512  # per entry waiting on a hash: its place in two dicts (an upper bound)
-
-
-class StoreError(KeyError, ValueError):
-    """A call the store cannot honour (unknown request, positions going backwards, bad shape)."""
-
-    def __str__(self) -> str:  # KeyError would otherwise repr() the message
-        return str(self.args[0]) if self.args else ""
-
-
-@dataclass(eq=False)
-class _Request:
-    key: Hashable
-    slot: int  # row of the store's per-request arrays (length, tail block)
-    prompt_len: int
-    blocks: np.ndarray  # int64 [capacity]: block per entry, or _LOST / _GAP / _WAIT
-    gens: np.ndarray  # int64 [capacity]: the block's generation when the entry was made
-    nblocks: int = 0
-    published: int = 0  # leading full blocks already published
-    waits: dict[int, Hashable] = field(default_factory=dict)  # entry -> the hash it waits for
-
-    @property
-    def capacity(self) -> int:
-        return self.blocks.shape[0]
 
 
 def _is_int(x: Any) -> bool:
@@ -157,40 +127,27 @@ class RouteStore:
         self.num_blocks = num_blocks
         self.pool = BlockPool(num_blocks=num_blocks, block_size=P, num_layers=L, top_k=K,
                               dtype=self.dtype)
-        self._reqs: dict[Hashable, _Request] = {}
-        self._slot_of: dict[Hashable, int] = {}
-        self._by_slot: list[_Request | None] = [None] * 64
-        self._table_bytes = 0
-        # per-request arrays by slot, for the vectorised step: length, tail block and generation
-        self._len = np.zeros(64, np.int64)
-        self._tail_b = np.full(64, -1, np.int64)
-        self._tail_g = np.zeros(64, np.int64)
-        self._cap = np.zeros(64, np.int64)  # table capacity
-        self._mark = np.full(64, -1, np.int64)  # scratch for classify_segments
-        self._serial = np.zeros(64, np.int64)  # bumped when a slot's request is freed
-        self._live = np.zeros(64, np.bool_)
+        self.t = RequestTables(self.pool, block_bytes=self.block_bytes,
+                               budget_bytes=self.budget_bytes)
         self._no_valid = np.zeros((1, L), np.bool_)
-        self._free_slots: list[int] = list(range(63, -1, -1))
-        self._waiting: dict[Hashable, dict[int, _Request]] = {}  # hash -> {slot: request}
         self.hash_conflicts = 0
-        self._row_dtype = np.dtype((np.void, L * K * self.dtype.itemsize))
 
     # ---- introspection ------------------------------------------------------------------------
     def __contains__(self, request: Hashable) -> bool:
         try:
-            return request in self._reqs
+            return request in self.t.reqs
         except TypeError:
             return False
 
     def __len__(self) -> int:
-        return len(self._reqs)
+        return len(self.t.reqs)
 
     def requests(self) -> list[Hashable]:
-        return list(self._reqs)
+        return list(self.t.reqs)
 
     def length(self, request: Hashable) -> int:
         """Positions covered so far (the next write starts here)."""
-        return int(self._len[self._get(request).slot])
+        return int(self.t.length[self.t.get(request).slot])
 
     @property
     def evictions(self) -> int:
@@ -203,67 +160,19 @@ class RouteStore:
     @property
     def table_bytes(self) -> int:
         """Bytes the request block tables account for (see ``budget_bytes``)."""
-        return self._table_bytes
+        return self.t.table_bytes
 
     @property
     def nbytes(self) -> int:
         """Bytes held: blocks in use plus block tables; never more than ``budget_bytes``."""
-        return self.pool.in_use * self.block_bytes + self._table_bytes
+        return self.pool.in_use * self.block_bytes + self.t.table_bytes
 
     @property
     def reserved_bytes(self) -> int:
         """Bytes the full pool accounts for (the most the store can ever hold)."""
         return self.num_blocks * self.block_bytes
 
-    def _get(self, request: Hashable) -> _Request:
-        try:
-            return self._reqs[request]
-        except (KeyError, TypeError):
-            raise StoreError(f"unknown request {request!r}; the store holds {len(self._reqs)} "
-                             "requests") from None
-
     # ---- budget: block tables share it with the pool ---------------------------------------------
-    def _limit_for(self, table_bytes: int) -> int:
-        return self.num_blocks - -(-table_bytes // self.block_bytes)
-
-    def _make_room(self, where: str, new_blocks: int, table_growth: int,
-                   pinned: np.ndarray) -> None:
-        """Check that ``new_blocks`` blocks and ``table_growth`` table bytes fit, then reserve.
-
-        Raises (changing nothing) if they cannot fit even after evicting every unpinned block.
-        """
-        pool = self.pool
-        limit = self._limit_for(self._table_bytes + table_growth)
-        if limit < 0 or not pool.can_reserve(new_blocks, pinned, limit=limit):
-            raise StoreError(
-                f"{where}: the budget of {self.budget_bytes} bytes cannot hold what this call "
-                f"needs: {new_blocks} new blocks of {self.block_bytes} bytes next to "
-                f"{len(pinned)} blocks this call uses and {self._table_bytes + table_growth} bytes "
-                f"of block tables for {len(self._reqs)} requests; raise budget_bytes or free "
-                "requests")
-        self._table_bytes += table_growth
-        pool.limit = limit
-        pool.shrink_to_limit(pinned)
-        pool.reserve(new_blocks, pinned)
-
-    def _grow(self, req: _Request, need: int) -> None:
-        """Make room for ``need`` table entries (bytes were accounted for by the caller)."""
-        cap = req.capacity
-        if need <= cap:
-            return
-        new = _capacity_for(need)
-        blocks = np.full(new, _GAP, np.int64)
-        gens = np.zeros(new, np.int64)
-        blocks[:cap] = req.blocks
-        gens[:cap] = req.gens
-        req.blocks, req.gens = blocks, gens
-        self._cap[req.slot] = new
-
-    @staticmethod
-    def _growth_bytes(req: _Request | None, need: int) -> int:
-        cap = 0 if req is None else req.capacity
-        return 0 if need <= cap else (_capacity_for(need) - cap) * _ENTRY_BYTES
-
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request: Hashable, *, prompt_len: int, num_cached_tokens: int = 0,
                     block_hashes: Sequence[Hashable] = ()) -> int:
@@ -276,7 +185,7 @@ class RouteStore:
         """
         where = f"add_request({request!r})"
         try:
-            exists = request in self._reqs
+            exists = request in self.t.reqs
         except TypeError:
             raise StoreError(f"{where}: request ids must be hashable, got "
                              f"{type(request).__name__}") from None
@@ -288,36 +197,26 @@ class RouteStore:
                              f"{prompt_len!r}")
         hashes = self._check_cached(where, num_cached_tokens, block_hashes)
         nb = len(hashes)
-        self._make_room(where, 0, _REQUEST_BYTES + self._growth_bytes(None, max(nb, 1))
-                        + self._wait_bytes(hashes), np.zeros(0, np.int64))
-        if not self._free_slots:
-            self._grow_slots()
-        slot = self._free_slots.pop()
-        cap = _capacity_for(max(nb, 1))
-        req = _Request(key=request, slot=slot, prompt_len=int(prompt_len),
-                       blocks=np.full(cap, _GAP, np.int64), gens=np.zeros(cap, np.int64))
-        self._reqs[request] = req
-        self._slot_of[request] = slot
-        self._by_slot[slot] = req
-        self._live[slot] = True
-        self._cap[slot] = cap
-        self._len[slot] = 0
-        self._tail_b[slot] = -1
-        return self._attach(req, hashes)
+        # the blocks this request hits are pinned: room for its table must not evict them (its
+        # waits, counted now, would then be more than the bytes made room for)
+        self.t.make_room(where, 0, _REQUEST_BYTES + self.t.growth_bytes(None, max(nb, 1))
+                         + self.t.wait_bytes(hashes), self.t.hit_blocks(hashes))
+        req = self.t.new_request(request, int(prompt_len), nb)
+        return self.t.attach(req, hashes)
 
     def restart(self, request: Hashable, *, num_cached_tokens: int = 0,
                 block_hashes: Sequence[Hashable] = ()) -> int:
         """A preempted request is scheduled again: drop its rows, attach its cached prefix."""
-        req = self._get(request)
+        req = self.t.get(request)
         where = f"restart({request!r})"
         hashes = self._check_cached(where, num_cached_tokens, block_hashes)
-        self._make_room(where, 0, self._growth_bytes(req, len(hashes)) + self._wait_bytes(hashes),
-                        np.zeros(0, np.int64))
-        self._drop_entries(req, 0)
-        self._len[req.slot] = 0
+        self.t.make_room(where, 0, self.t.growth_bytes(req, len(hashes))
+                         + self.t.wait_bytes(hashes), self.t.hit_blocks(hashes))
+        self.t.drop_entries(req, 0)
+        self.t.length[req.slot] = 0
         req.published = 0
-        self._grow(req, len(hashes))
-        return self._attach(req, hashes)
+        self.t.grow(req, len(hashes))
+        return self.t.attach(req, hashes)
 
     def _check_cached(self, where: str, n: Any, hashes: Sequence[Hashable]) -> list[Hashable]:
         P = self.block_size
@@ -343,65 +242,6 @@ class RouteStore:
             except TypeError:
                 raise StoreError(f"{where}: block hashes must be hashable, got "
                                  f"{type(h).__name__} {h!r} at block {j}") from None
-
-    def _wait_bytes(self, hashes: list[Hashable]) -> int:
-        by_hash = self.pool.by_hash
-        return _WAIT_BYTES * sum(h not in by_hash for h in hashes)
-
-    def _attach(self, req: _Request, hashes: list[Hashable]) -> int:
-        pool, P = self.pool, self.block_size
-        have = 0
-        for j, h in enumerate(hashes):
-            b = pool.by_hash.get(h)
-            if b is not None:
-                pool.ref(b)
-                req.blocks[j] = b
-                req.gens[j] = pool.gen[b]
-                have += P
-            else:  # not published (yet): wait for it; if it never comes, it reads missing
-                req.blocks[j] = _WAIT
-                req.waits[j] = h
-                self._waiting.setdefault(h, {})[req.slot] = req
-        req.nblocks = len(hashes)
-        self._len[req.slot] = len(hashes) * P
-        req.published = len(hashes)
-        self._tail_b[req.slot] = -1
-        return have
-
-    def _drop_entries(self, req: _Request, keep: int) -> None:
-        """Release table entries ``>= keep`` (blocks unreferenced, waits cancelled)."""
-        pool = self.pool
-        for j in range(keep, req.nblocks):
-            b = int(req.blocks[j])
-            if b >= 0:
-                pool.unref(b, int(req.gens[j]))
-            elif b == _WAIT:
-                self._cancel_wait(req, j)
-        req.blocks[keep:req.nblocks] = _GAP
-        req.nblocks = min(req.nblocks, keep)
-        self._tail_b[req.slot] = -1
-
-    def _cancel_wait(self, req: _Request, j: int) -> None:
-        h = req.waits.pop(j)
-        self._table_bytes -= _WAIT_BYTES
-        self.pool.limit = self._limit_for(self._table_bytes)
-        if not any(h2 == h for h2 in req.waits.values()):
-            waiters = self._waiting.get(h)
-            if waiters is not None:
-                waiters.pop(req.slot, None)
-                if not waiters:
-                    del self._waiting[h]
-
-    def _grow_slots(self) -> None:
-        n = self._len.shape[0]
-        self._len = np.concatenate([self._len, np.zeros(n, np.int64)])
-        self._tail_b = np.concatenate([self._tail_b, np.full(n, -1, np.int64)])
-        self._tail_g = np.concatenate([self._tail_g, np.zeros(n, np.int64)])
-        self._cap = np.concatenate([self._cap, np.zeros(n, np.int64)])
-        self._serial = np.concatenate([self._serial, np.zeros(n, np.int64)])
-        self._live = np.concatenate([self._live, np.zeros(n, np.bool_)])
-        self._free_slots.extend(range(2 * n - 1, n - 1, -1))
-        self._by_slot.extend([None] * n)
 
     # ---- writing ------------------------------------------------------------------------------
     def _check_rows(self, where: str, ids_NLK: Any, valid_NL: Any) -> None:
@@ -457,16 +297,15 @@ class RouteStore:
     def _ingest(self, where: str, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
                 segments: Sequence[tuple[Hashable, int, int, int]], seek: bool) -> None:
         self._check_rows(where, ids_NLK, valid_NL)
-        N = ids_NLK.shape[0]
         try:
             keys, starts_l, rows_l, ns_l = zip(*segments) if len(segments) else ((), (), (), ())
-            slots = np.array(list(map(self._slot_of.__getitem__, keys)), np.int64)
+            slots = np.array(list(map(self.t.slot_of.__getitem__, keys)), np.int64)
         except (KeyError, TypeError, ValueError):
             for seg in segments:
                 if not isinstance(seg, (tuple, list)) or len(seg) != 4:
                     raise StoreError(f"{where}: expected segments of (request, start, first_row, "
                                      f"num_rows), got {seg!r}") from None
-                self._get(seg[0])
+                self.t.get(seg[0])
             raise StoreError(f"{where}: bad segments {segments!r}") from None
         starts = _int_array(where, "start", starts_l)
         rows = _int_array(where, "first_row", rows_l)
@@ -478,8 +317,8 @@ class RouteStore:
 
         A handle of a freed request is refused, even after its slot went to another request.
         """
-        slot = self._get(request).slot
-        return int(self._serial[slot]) << 32 | slot
+        slot = self.t.get(request).slot
+        return int(self.t.serial[slot]) << 32 | slot
 
     def ingest_arrays(self, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
                       handles: np.ndarray, starts: np.ndarray, first_rows: np.ndarray,
@@ -502,8 +341,8 @@ class RouteStore:
             arrs.append(a.astype(np.int64, copy=False))
         h, st, rw, ns = arrs
         slots = h & 0xFFFFFFFF
-        ok = slots < self._len.shape[0]
-        ok[ok] = (h[ok] >> 32 == self._serial[slots[ok]]) & self._live[slots[ok]]
+        ok = slots < self.t.length.shape[0]
+        ok[ok] = (h[ok] >> 32 == self.t.serial[slots[ok]]) & self.t.live[slots[ok]]
         if not ok.all():
             i = int(np.flatnonzero(~ok)[0])
             raise StoreError(f"{where}: handle {int(h[i])} (segment {i}) names no request: the "
@@ -518,14 +357,14 @@ class RouteStore:
         pool, P = self.pool, self.block_size
         kind = np.empty(S, np.int8)
         lens = np.empty(S, np.int64)
-        if self._mark.shape[0] != self._len.shape[0]:
-            self._mark = np.full(self._len.shape[0], -1, np.int64)
-        bad = classify_segments(slots, starts, rows, ns, N, self._len, self._tail_b,
-                                self._tail_g, self._cap, pool.gen, pool.refs, pool.published,
-                                P, seek, kind, lens, self._mark)
+        if self.t.mark.shape[0] != self.t.length.shape[0]:
+            self.t.mark = np.full(self.t.length.shape[0], -1, np.int64)
+        bad = classify_segments(slots, starts, rows, ns, N, self.t.length, self.t.tail_b,
+                                self.t.tail_g, self.t.cap, pool.gen, pool.refs, pool.published,
+                                P, seek, kind, lens, self.t.mark)
         if bad >= 0:
             i, code = divmod(bad, 4)
-            keys = [self._by_slot[int(slots[i])].key] * (i + 1)
+            keys = [self.t.by_slot[int(slots[i])].key] * (i + 1)
             if code == 1:
                 raise StoreError(f"{where}: segment of {keys[i]!r} names rows [{int(rows[i])}, "
                                  f"{int(rows[i] + ns[i])}) of a step of {N} rows")
@@ -539,18 +378,18 @@ class RouteStore:
         pieces = None
         if slow.size:
             # plan and reserve first (a refusal changes nothing), then resolve tables
-            fast_tails = self._tail_b[slots[kind == SEG_FAST]]
-            by_slot = self._by_slot
+            fast_tails = self.t.tail_b[slots[kind == SEG_FAST]]
+            by_slot = self.t.by_slot
             ai = slow[kind[slow] == SEG_APPEND]
             si = slow[kind[slow] == SEG_SLOW]
-            pieces = self._resolve_slow(where, [by_slot[i] for i in slots[si].tolist()],
+            pieces = self.t.resolve(where, [by_slot[i] for i in slots[si].tolist()],
                                         starts[si], rows[si], ns[si], lens[si], fast_tails,
                                         [by_slot[i] for i in slots[ai].tolist()], starts[ai],
                                         rows[ai], ns[ai])
         d = np.empty(S, np.int64)
         s_ = np.empty(S, np.int64)
         c = np.empty(S, np.int64)
-        k = fast_runs(kind, slots, starts, rows, ns, self._tail_b, P, self._len, pool.last_use,
+        k = fast_runs(kind, slots, starts, rows, ns, self.t.tail_b, P, self.t.length, pool.last_use,
                       clock, d, s_, c)
         if pieces is not None:
             d = np.concatenate([d[:k], pieces[0]])
@@ -569,169 +408,6 @@ class RouteStore:
                          valid_NL if has_valid else self._no_valid, has_valid, d[:k], s_[:k],
                          c[:k])
 
-    def _resolve_slow(self, where: str, reqs: list[_Request], starts: np.ndarray,
-                      rows: np.ndarray, ns: np.ndarray, lens: np.ndarray,
-                      pinned_fast: np.ndarray, app_reqs: list[_Request], app_starts: np.ndarray,
-                      app_rows: np.ndarray, app_ns: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[np.ndarray, int]]]:
-        """Segments that need blocks: plan all, reserve once, then resolve.
-
-        ``app_*``: segments that start a fresh block at their table's end (one block each).
-        The rest may copy on write, cut, leave gaps or span blocks.
-        """
-        pool, P = self.pool, self.block_size
-        need = 0
-        growth: dict[int, int] = {}
-        pins: list[int] = []
-        repeated = len({r.slot for r in reqs}) != len(reqs)
-        for req, start, n, length in zip(reqs, starts.tolist(), ns.tolist(), lens.tolist(),
-                                         strict=True):
-            end = start + n
-            cut = min(start, length)
-            j_lo = cut // P
-            j_hi = -(-end // P)  # entries [j_lo, j_hi) are written
-            growth[req.slot] = max(growth.get(req.slot, 0), j_hi, req.nblocks)
-            # entries that survive a cut (start < length): those below ceil(start / P)
-            keep = -(-cut // P) if start < length else req.nblocks
-            if not n:
-                j_hi = j_lo + 1 if start < length and cut % P else j_lo  # the cut's copy only
-            for j in range(j_lo, j_hi):
-                if j >= keep or j >= req.nblocks:
-                    need += 1  # dropped by the cut, or past the table: a fresh block
-                    continue
-                b = int(req.blocks[j])
-                if b >= 0 and pool.gen[b] == req.gens[j]:
-                    pins.append(b)
-                    if not pool.private(b):
-                        need += 1  # copied on write (or to cut inside it)
-                else:
-                    need += 1
-            if repeated:
-                need += 1  # bound: a repeated request's later segment may copy once more
-        table_growth = sum(self._growth_bytes(r, growth[r.slot]) for r in
-                           {r.slot: r for r in reqs}.values())
-        pinned = np.unique(np.concatenate([pinned_fast, np.asarray(pins, np.int64)]))
-        self._make_room(where, need + len(app_reqs), table_growth, pinned)
-        dst: list[int] = []
-        src: list[int] = []
-        cnt: list[int] = []
-        bulk: list[tuple[np.ndarray, int]] = []  # whole blocks: (blocks, first step row)
-        try:
-            if app_reqs:
-                bs = pool.take_many(len(app_reqs))
-                gs = pool.gen[bs]
-                js = app_starts // P
-                for req, b, g, j in zip(app_reqs, bs.tolist(), gs.tolist(), js.tolist()):
-                    req.blocks[req.nblocks:j] = _GAP
-                    req.blocks[j] = b
-                    req.gens[j] = g
-                    req.nblocks = j + 1
-                slots = np.fromiter((r.slot for r in app_reqs), np.int64, len(app_reqs))
-                self._len[slots] = app_starts + app_ns
-                open_ = (app_ns < P)
-                self._tail_b[slots] = np.where(open_, bs, -1)
-                self._tail_g[slots] = gs
-                dst.extend((bs * P).tolist())
-                src.extend(app_rows.tolist())
-                cnt.extend(app_ns.tolist())
-            for req, start, row, n, length in zip(reqs, starts.tolist(), rows.tolist(),
-                                                  ns.tolist(), lens.tolist(), strict=True):
-                self._grow(req, growth[req.slot])
-                length = int(self._len[req.slot]) if repeated else length
-                if start < length:
-                    self._cut(req, start, length)
-                    length = start
-                elif start > length and length % P:
-                    pass  # rows past the length are invalid already: the gap reads missing
-                pos, end = start, start + n
-                while pos < end:
-                    j, off = divmod(pos, P)
-                    if not off and j >= req.nblocks and end - pos >= P:
-                        # whole fresh blocks past the table (prefill chunks): all at once
-                        k = (end - pos) // P
-                        bs = pool.take_many(k)
-                        req.blocks[req.nblocks:j] = _GAP
-                        req.blocks[j:j + k] = bs
-                        req.gens[j:j + k] = pool.gen[bs]
-                        req.nblocks = j + k
-                        bulk.append((bs, row + pos - start))
-                        pos += k * P
-                        continue
-                    m = min(P - off, end - pos)
-                    b = self._writable(req, j, length)
-                    dst.append(b * P + off)
-                    src.append(row + pos - start)
-                    cnt.append(m)
-                    pos += m
-                if n:
-                    # entries between the old table end and the first written one are gaps
-                    self._len[req.slot] = end
-                    self._sync_tail(req, end)
-                else:
-                    self._len[req.slot] = start
-                    self._sync_tail(req, start)
-        finally:
-            pool.unreserve()
-        return (np.asarray(dst, np.int64), np.asarray(src, np.int64), np.asarray(cnt, np.int64),
-                bulk)
-
-    def _sync_tail(self, req: _Request, length: int) -> None:
-        j, o = divmod(length, self.block_size)
-        slot = req.slot
-        if o and j < req.nblocks and req.blocks[j] >= 0:
-            self._tail_b[slot] = req.blocks[j]
-            self._tail_g[slot] = req.gens[j]
-        else:
-            self._tail_b[slot] = -1
-
-    def _cut(self, req: _Request, length: int, old: int) -> None:
-        """Forget positions ``>= length`` (``old`` is the current length)."""
-        P = self.block_size
-        keep = -(-length // P)
-        self._drop_entries(req, keep)
-        j, o = divmod(length, P)
-        if o and j < req.nblocks:
-            b = int(req.blocks[j])
-            if b >= 0 and self.pool.gen[b] == req.gens[j]:
-                b = self._writable(req, j, old)  # the partial block: drop its rows from o on
-                self.pool.valid[b, o:] = False
-                self.pool.lost[b, o:] = False
-        self._len[req.slot] = length
-        req.published = min(req.published, length // P)
-        self._sync_tail(req, length)
-
-    def _writable(self, req: _Request, j: int, length: int) -> int:
-        """Entry j of ``req`` as a private, alive block (from the reservation if new)."""
-        pool, P = self.pool, self.block_size
-        if j < req.nblocks:
-            b, g = int(req.blocks[j]), int(req.gens[j])
-            if b >= 0 and pool.gen[b] == g:
-                if pool.private(b):
-                    pool.last_use[b] = pool.clock
-                    return b
-                nb = pool.take()
-                pool.copy_block(nb, b)  # copy-on-write: the block is shared or published
-                o = length - j * P
-                if 0 <= o < P:
-                    pool.valid[nb, o:] = False
-                    pool.lost[nb, o:] = False
-                pool.unref(b, g)
-            else:
-                nb = pool.take()
-                if b == _WAIT:
-                    self._cancel_wait(req, j)
-                if b != _GAP:  # the block was evicted (or never came): what it held is lost
-                    pool.lost[nb, :max(0, min(P, length - j * P))] = True
-                if b >= 0:
-                    pool.unref(b, g)
-        else:
-            nb = pool.take()
-            req.blocks[req.nblocks:j] = _GAP
-            req.nblocks = j + 1
-        req.blocks[j] = nb
-        req.gens[j] = pool.gen[nb]
-        return nb
-
     def publish(self, request: Hashable, block_hashes: Sequence[Hashable]) -> None:
         """Publish the request's full blocks under the engine's chained content hashes.
 
@@ -740,75 +416,21 @@ class RouteStore:
         Idempotent. Requests waiting on a hash (same-step prefix hits) are linked to it here.
         """
         where = f"publish({request!r})"
-        req = self._get(request)
+        req = self.t.get(request)
         P = self.block_size
         try:
-            full = min(int(self._len[req.slot]) // P, len(block_hashes))
+            full = min(int(self.t.length[req.slot]) // P, len(block_hashes))
             todo = list(block_hashes[req.published:full])
         except TypeError:
             raise StoreError(f"{where}: expected block_hashes to be a sequence, got "
                              f"{type(block_hashes).__name__}") from None
         self._check_hashable(where, todo)
-        pool = self.pool
-        if self.strict_hashes:
-            for j, h in enumerate(todo, start=req.published):
-                b, other = int(req.blocks[j]), pool.by_hash.get(h)
-                if (b >= 0 and pool.gen[b] == req.gens[j] and other is not None and other != b
-                        and self._disagree(b, other)):
-                    raise StoreError(f"{where}: block {j} hash {h!r} was published before with "
-                                     "different routes; block hashes must be chained content "
-                                     "hashes (the hash of block j covers blocks 0..j)")
-        for j, h in enumerate(todo, start=req.published):
-            b, g = int(req.blocks[j]), int(req.gens[j])
-            if b < 0 or pool.gen[b] != g:
-                continue  # evicted, or waiting itself: nothing to publish
-            other = pool.by_hash.get(h)
-            if other == b:
-                continue
-            if other is not None:
-                if self._disagree(b, other):
-                    self.hash_conflicts += 1  # keep our own rows, unpublished
-                    continue
-                if not (pool.valid[b] & ~pool.valid[other]).any():
-                    # deduplicate: link to the block already published under this hash
-                    pool.ref(other)
-                    req.blocks[j] = other
-                    req.gens[j] = pool.gen[other]
-                    pool.unref(b, g)
-                    continue
-                # the published copy lost cells (an eviction) that this one has: publish ours
-                # instead; the old one stays with the requests that hold it
-                pool.unpublish(other)
-            if not pool.published[b]:
-                pool.publish(b, h)
-                self._wake(h, b)
-        req.published = max(req.published, full)
-        self._sync_tail(req, int(self._len[req.slot]))
-
-    def _disagree(self, a: int, b: int) -> bool:
-        pool = self.pool
-        both = pool.valid[a] & pool.valid[b]
-        return bool((pool.ids[a][both] != pool.ids[b][both]).any())
-
-    def _wake(self, h: Hashable, b: int) -> None:
-        """Link every entry waiting on hash h to block b."""
-        waiters = self._waiting.pop(h, None)
-        if not waiters:
-            return
-        pool = self.pool
-        for req in waiters.values():
-            for j in [j for j, h2 in req.waits.items() if h2 == h]:
-                del req.waits[j]
-                self._table_bytes -= _WAIT_BYTES
-                pool.ref(b)
-                req.blocks[j] = b
-                req.gens[j] = pool.gen[b]
-        pool.limit = self._limit_for(self._table_bytes)
+        self.hash_conflicts += self.t.publish(where, req, todo, full, self.strict_hashes)
 
     def truncate(self, request: Hashable, length: int) -> None:
         """Forget positions ``>= length`` (e.g. rejected speculative tokens)."""
-        req = self._get(request)
-        old = int(self._len[req.slot])
+        req = self.t.get(request)
+        old = int(self.t.length[req.slot])
         if not _is_int(length) or not 0 <= length <= old:
             raise StoreError(f"truncate({request!r}, {length!r}): expected 0 <= length <= {old}")
         where = f"truncate({request!r})"
@@ -820,54 +442,32 @@ class RouteStore:
             if b >= 0 and self.pool.gen[b] == req.gens[j]:
                 pins = np.array([b], np.int64)
                 need = 0 if self.pool.private(b) else 1
-        self._make_room(where, need, 0, pins)
+        self.t.make_room(where, need, 0, pins)
         try:
-            self._cut(req, int(length), old)
+            self.t.cut(req, int(length), old)
         finally:
             self.pool.unreserve()
 
     def free(self, request: Hashable) -> None:
         """The request finished or was aborted: release its blocks (published ones stay cached)."""
-        req = self._get(request)
-        self._drop_entries(req, 0)
-        del self._reqs[request]
-        del self._slot_of[request]
-        self._by_slot[req.slot] = None
-        self._live[req.slot] = False
-        self._serial[req.slot] += 1
-        self._table_bytes -= _REQUEST_BYTES + req.capacity * _ENTRY_BYTES
-        self._free_slots.append(req.slot)
-        self.pool.limit = self._limit_for(self._table_bytes)
+        self.t.release(self.t.get(request))
 
     def clear(self) -> None:
-        for r in list(self._reqs):
+        for r in list(self.t.reqs):
             self.free(r)
 
     # ---- reading ------------------------------------------------------------------------------
-    def _entries(self, req: _Request, j0: int, j1: int) -> tuple[np.ndarray, np.ndarray]:
-        """Blocks of entries ``[j0, j1)`` (0 where not alive) and whether each is alive."""
-        n = max(0, j1 - j0)
-        blocks = np.full(n, _GAP, np.int64)
-        gens = np.zeros(n, np.int64)
-        k = max(0, min(j1, req.nblocks) - j0)
-        blocks[:k] = req.blocks[j0:j0 + k]
-        gens[:k] = req.gens[j0:j0 + k]
-        real = blocks >= 0
-        alive = real.copy()
-        alive[real] = self.pool.gen[blocks[real]] == gens[real]
-        return np.where(alive, blocks, 0), alive, blocks
-
     def coverage(self, request: Hashable, start: int = 0, end: int | None = None) -> np.ndarray:
         """Per position: :data:`PRESENT`, :data:`EVICTED`, :data:`NOT_WRITTEN` or :data:`PENDING`."""
-        req = self._get(request)
-        length = int(self._len[req.slot])
+        req = self.t.get(request)
+        length = int(self.t.length[req.slot])
         end = length if end is None else end
         if not (_is_int(start) and _is_int(end) and 0 <= start <= end):
             raise StoreError(f"coverage({request!r}): expected 0 <= start <= end, got {start!r}, "
                              f"{end!r}")
         P = self.block_size
         j0, j1 = start // P, -(-end // P)
-        slots, alive, raw = self._entries(req, j0, j1)
+        slots, alive, raw = self.t.entries(req, j0, j1)
         pool = self.pool
         code = np.full((j1 - j0, P), NOT_WRITTEN, np.int8)
         present = pool.valid[slots].any(-1) & alive[:, None]
@@ -893,8 +493,8 @@ class RouteStore:
         position ``p - offset`` of the trace (a binding that stores rows by KV-cache column passes
         the column of position 0).
         """
-        req = self._get(request)
-        length = int(self._len[req.slot])
+        req = self.t.get(request)
+        length = int(self.t.length[req.slot])
         end = length if end is None else end
         if not (_is_int(start) and _is_int(end) and _is_int(offset) and 0 <= start <= end
                 and offset <= start):
@@ -910,7 +510,7 @@ class RouteStore:
                                  f"{tok.dtype} {tok.shape}")
             tok = tok.astype(np.int32)
         j0, j1 = start // P, -(-end // P)
-        slots, alive, _ = self._entries(req, j0, j1)
+        slots, alive, _ = self.t.entries(req, j0, j1)
         pool = self.pool
         pool.last_use[slots[alive]] = pool.tick()
         o = start - j0 * P
@@ -935,57 +535,7 @@ class RouteStore:
     # ---- checks -------------------------------------------------------------------------------
     def check_invariants(self) -> None:
         """Raise AssertionError if the bookkeeping is inconsistent (for tests and simulators)."""
-        pool, P = self.pool, self.block_size
-        expected = np.zeros(pool.num_blocks, np.int64)
-        table_bytes = 0
-        slots = set()
-        waits = 0
-        for key, req in self._reqs.items():
-            assert req.slot not in slots, f"slot {req.slot} used twice"
-            slots.add(req.slot)
-            table_bytes += (_REQUEST_BYTES + req.capacity * _ENTRY_BYTES
-                            + _WAIT_BYTES * len(req.waits))
-            length = int(self._len[req.slot])
-            assert req.nblocks <= -(-length // P), (key, length, req.nblocks)
-            b = req.blocks[:req.nblocks]
-            g = req.gens[:req.nblocks]
-            real = b >= 0
-            alive = real.copy()
-            alive[real] = pool.gen[b[real]] == g[real]
-            np.add.at(expected, b[alive], 1)
-            assert (req.blocks[req.nblocks:] == _GAP).all(), f"{key!r}: entries past the table"
-            waiting = set(np.flatnonzero(b == _WAIT).tolist())
-            assert waiting == set(req.waits), f"{key!r}: waits {sorted(req.waits)} vs {waiting}"
-            for h in req.waits.values():
-                assert req.slot in self._waiting.get(h, {}), f"{key!r} waits on {h!r} unlisted"
-                assert h not in pool.by_hash, f"{key!r} waits on published {h!r}"
-            waits += len(req.waits)
-            # rows at or past the length of an alive private tail block are invalid
-            j, o = divmod(length, P)
-            if o and j < req.nblocks and alive[j] and pool.private(int(b[j])):
-                assert not pool.valid[b[j], o:].any(), f"{key!r}: valid rows past the length"
-            tb = int(self._tail_b[req.slot])
-            if tb >= 0:
-                assert o and j < req.nblocks and tb == b[j] and self._tail_g[req.slot] == g[j], \
-                    f"{key!r}: stale tail cache"
-            assert req.published <= length // P, f"{key!r}: published past the full blocks"
-        for h, waiters in self._waiting.items():
-            for slot, req in waiters.items():
-                assert self._reqs.get(req.key) is req and req.slot == slot, "a stale waiter"
-                assert h in req.waits.values(), f"listed waiter does not wait on {h!r}"
-        assert table_bytes == self._table_bytes, (table_bytes, self._table_bytes)
-        assert pool.limit == self._limit_for(table_bytes), (pool.limit, table_bytes)
-        assert self.nbytes <= self.budget_bytes, (self.nbytes, self.budget_bytes)
-        pool.check_invariants(expected)
-
-
-def _capacity_for(n: int) -> int:
-    c = 4
-    while c < n:
-        c *= 2
-    return c
-
-
+        self.t.check_invariants()
 def _int_array(where: str, name: str, values: Sequence[Any]) -> np.ndarray:
     if set(map(type, values)) <= {int}:  # the common case, without numpy's type inference
         return np.fromiter(values, np.int64, len(values))
