@@ -367,6 +367,10 @@ def find_moe_routers(model: nn.Module, *, probe: bool = True,
                         step_module_path=step_path)
 
 
+#: moe_config's answers by config contents (a config is mutable: never by object identity)
+_MOE_CONFIGS: dict[str, MoEConfig] = {}
+
+
 def moe_config(config: Any) -> MoEConfig:
     """(E, K, moe layers, layer count) of a transformers config, no weights needed.
 
@@ -378,6 +382,12 @@ def moe_config(config: Any) -> MoEConfig:
     """
     import transformers
 
+    try:  # building even a meta model takes a while: reading one config per request must not
+        key: str | None = f"{type(config).__qualname__}:{config.to_json_string(use_diff=False)}"
+    except (AttributeError, TypeError, ValueError):
+        key = None
+    if key is not None and key in _MOE_CONFIGS:
+        return _MOE_CONFIGS[key]
     model = None
     # a vision-language wrapper has no causal-LM class: its decoder is found the same way
     for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText):
@@ -392,8 +402,13 @@ def moe_config(config: Any) -> MoEConfig:
             f"{type(config).__name__} ({getattr(config, 'model_type', '?')}): no causal or "
             f"image-text-to-text model class in transformers ({error})")
     info = find_moe_routers(model, probe=False)
-    return MoEConfig(num_experts=info.num_experts, top_k=info.top_k, moe_layers=info.moe_layers,
-                     num_layers=info.num_hidden_layers, architecture=info.architecture)
+    found = MoEConfig(num_experts=info.num_experts, top_k=info.top_k, moe_layers=info.moe_layers,
+                      num_layers=info.num_hidden_layers, architecture=info.architecture)
+    if key is not None:
+        _MOE_CONFIGS[key] = found
+        while len(_MOE_CONFIGS) > 32:
+            _MOE_CONFIGS.pop(next(iter(_MOE_CONFIGS)))
+    return found
 
 
 def moe_layers_from_config(config: Any) -> tuple[int, ...]:
