@@ -10,7 +10,7 @@ COMPAT_STAMP := $(COMPAT)/.routecap-installed
 COMPAT_TESTS := tests/test_hf.py tests/test_hf_architectures.py tests/test_builtin.py tests/test_docs.py tests/distributed
 OUT    ?= runs/demo
 
-.PHONY: demo test
+.PHONY: demo test chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,21 @@ $(COMPAT_STAMP): pyproject.toml $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/routecap capture --model builtin:tiny-qwen3-moe --prompts examples/prompts.txt --max-new-tokens 16 --out $(OUT) --overwrite
 
-# The whole test suite (then the transformers-facing part again under transformers 5.17).
-test: $(STAMP) $(COMPAT_STAMP)
+# The numba-backed tests, run a second time with numba's bounds checks (read at import, so in a
+# process of their own, with their own cache of compiled kernels): an index past an array then
+# fails a test instead of reading memory at random. -m "" runs their slow part too.
+NUMBA_TESTS := tests/test_codec.py tests/test_codec_kernels.py tests/test_golden.py
+
+# The whole test suite (then the transformers-facing part again under transformers 5.17, and the
+# numba-backed part under bounds checking).
+test: $(STAMP) $(COMPAT_STAMP) chromium
 	$(VENV)/bin/python -m pytest -q
 	$(COMPAT)/bin/python -m pytest -q $(COMPAT_TESTS)
+	NUMBA_BOUNDSCHECK=1 NUMBA_CACHE_DIR=.numba-boundscheck $(VENV)/bin/python -m pytest -q -m "" $(NUMBA_TESTS)
+
+# The report's browser test needs a real Chromium (Debian's package; Playwright drives it, no
+# browser download). Installed when missing; if that is impossible the test skips and says why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -q && apt-get install -y -q chromium) >/dev/null 2>&1; } || \
+	  echo "note: could not install chromium; tests/test_report.py's browser checks will skip"

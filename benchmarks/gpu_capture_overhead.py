@@ -331,6 +331,60 @@ def bench_prefill(model: Any, tokens: int, *, repeats: int) -> dict:
             "medians_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()}}
 
 
+def _device_events(fn: Callable[[], None]) -> tuple[int, int, float]:
+    """(kernels, memcpys, device microseconds) that one call of ``fn`` puts on the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = memcpys = 0
+    us = 0.0
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = evt.name.lower()
+        if "memcpy" in name:
+            memcpys += 1
+        elif "memset" not in name:
+            kernels += 1
+        us += float(getattr(evt, "device_time", None) or getattr(evt, "cuda_time", 0.0))
+    return kernels, memcpys, us
+
+
+def profile_capture_step(num_layers: int, top_k: int, num_experts: int, tokens: int) -> dict:
+    """The device work routecap adds to one eager step of ``tokens`` rows, counted by the profiler.
+
+    The step is routecap's alone (begin_step, one capture per MoE layer of ids already on the
+    device, end_step with its copy to pinned memory), so every kernel counted is routecap's: the
+    floor is one copy per layer.
+    """
+    try:
+        from routecap.capture_kernels import fused_available
+    except ImportError:  # an older routecap (the --kernels-only comparison against a checkout)
+        def fused_available(device: torch.device) -> bool:
+            return False
+
+    cap = StepCapturer(CaptureSpec(num_layers=num_layers, top_k=top_k, num_experts=num_experts,
+                                   max_tokens=tokens), device="cuda", sink=lambda snap: None)
+    ids = [torch.randint(0, num_experts, (tokens, top_k), device="cuda")
+           for _ in range(num_layers)]
+
+    def step() -> None:
+        cap.begin_step(tokens)
+        for layer, x in enumerate(ids):
+            cap.capture(layer, x)
+        cap.end_step()
+
+    step()
+    cap.drain()
+    kernels, memcpys, us = _device_events(step)
+    cap.drain()
+    return {"tokens": tokens, "kernels": kernels, "memcpys": memcpys, "device_us": us,
+            "fused": fused_available(torch.device("cuda")), "layers": num_layers}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=20)
@@ -339,7 +393,21 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32,256")
     ap.add_argument("--prefill", type=int, default=8192)
     ap.add_argument("--small", action="store_true", help="a 4-layer model, for a quick check")
+    ap.add_argument("--kernels-only", action="store_true",
+                    help="only count the device work of routecap's step (no model), at the "
+                         "30B-A3B shape; run it with PYTHONPATH at another checkout to compare")
     args = ap.parse_args()
+    if args.kernels_only:
+        shape = SMALL if args.small else QWEN3_30B_A3B
+        L, K, E = shape["num_hidden_layers"], shape["num_experts_per_tok"], shape["num_experts"]
+        import routecap
+
+        print(f"routecap from {routecap.__file__}")
+        for n in sorted({*(int(x) for x in args.batches.split(",")), args.prefill}):
+            c = profile_capture_step(L, K, E, n)
+            print(f"  {n:>6} tokens: {c['kernels']:>3} kernels (L + {c['kernels'] - L}), "
+                  f"{c['memcpys']} memcpys, {c['device_us']:8.1f} us of device time")
+        return
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -354,10 +422,26 @@ def main() -> None:
                                     chunk=args.chunk))
         torch.cuda.empty_cache()
     results.append(bench_prefill(model, args.prefill, repeats=args.repeats))
+    info = find_moe_routers(model)
+    L, K, E = len(info.sites), info.top_k, info.num_experts
+    print(f"\ndevice work routecap adds to one step (torch profiler; L = {L} MoE layers, so the "
+          f"floor is {L} copy kernels)")
+    counts = {}
+    for n in sorted({*(int(x) for x in args.batches.split(",")), args.prefill}):
+        c = profile_capture_step(L, K, E, n)
+        counts[n] = c
+        print(f"  {n:>6} tokens: {c['kernels']:>3} kernels (L + {c['kernels'] - L}), "
+              f"{c['memcpys']} memcpys, {c['device_us']:8.1f} us of device time "
+              f"({'fused Triton' if c['fused'] else 'torch ops'} end of step)")
     print("\nsummary: routecap overhead vs no capture (median step time)")
     for r in results:
         what = f"decode batch {r['batch']}" if "batch" in r else f"prefill {r['tokens']}"
-        print(f"  {what:<20} routecap {100 * (r['ratios']['routecap'] - 1):+6.2f}%   "
+        n = r.get("batch", r.get("tokens"))
+        added_us = (r["medians_ms"]["routecap"] - r["medians_ms"]["none"]) * 1e3
+        c = counts.get(n)
+        kern = f"  +{c['kernels']} kernels, +{c['device_us']:.0f} us device" if c else ""
+        print(f"  {what:<20} routecap {100 * (r['ratios']['routecap'] - 1):+6.2f}% "
+              f"({added_us:+8.1f} us/step){kern}   "
               f"hand-written host-copy hooks {100 * (r['ratios']['hooks'] - 1):+7.2f}%   "
               f"(no capture: {r['medians_ms']['none']:.2f} ms)")
     print("sync check: no device-to-host synchronisation in routecap's captured decode step, "

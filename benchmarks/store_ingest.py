@@ -3,11 +3,14 @@
 Shapes of Qwen3-30B-A3B's router (48 MoE layers, top-8 of 128 experts: one byte per id). Two step
 mixes, measured side by side in one run (interleaved repeats, median):
 
-* decode: 256 requests, one row each (256 segments per step);
-* prefill: 4 requests, 2048-row chunks (8192 rows per step).
+* decode: 256 requests, one row each (256 segments per step), with the segments as a list of
+  tuples (``ingest``) and as integer arrays (``ingest_arrays``: no Python per segment);
+* prefill: 4 requests, 2048-row chunks (8192 rows per step);
 
-The baseline copies the step's bytes into a preallocated buffer of the same size with one
-``np.copyto``: the floor for any host path that keeps the data.
+and ``take`` of one 32,768-token request (the whole trace, as a trainer reads it).
+
+The baseline copies the same bytes into a preallocated buffer of the same size with one
+``np.copyto``: the floor for any host path that keeps the data (for ``take``: the trace's ids).
 
 Run: python benchmarks/store_ingest.py [--repeats 15]
 """
@@ -42,6 +45,23 @@ def bench_decode(rng, batch, steps):
         store.ingest, [(r, s, r, 1) for r in range(batch)]))
 
 
+def bench_decode_arrays(rng, batch, steps):
+    """The same decode steps through ingest_arrays: segments as integer arrays."""
+    store = RouteStore(num_experts=E, moe_layers=range(L), top_k=K, block_size=BLOCK,
+                       budget_bytes=2 << 30)
+    for r in range(batch):
+        store.add_request(r, prompt_len=1)
+    handles = np.array([store.handle(r) for r in range(batch)], np.int64)
+    rows = np.arange(batch, dtype=np.int64)
+    ones = np.ones(batch, np.int64)
+    step = _step(rng, batch)
+
+    def ingest(ids, valid, starts):
+        store.ingest_arrays(ids, valid, handles, starts, rows, ones)
+
+    return _side_by_side(step, steps, lambda s: (ingest, np.full(batch, s, np.int64)))
+
+
 def _side_by_side(step, steps, prepare):
     """Per step: the store's ingest, then one np.copyto of the same bytes; times of each."""
     dst = np.empty_like(step)
@@ -73,9 +93,31 @@ def bench_prefill(rng, reqs, chunk, steps):
     return _side_by_side(step, steps, prepare)
 
 
+def bench_take(rng, tokens, repeats):
+    store = RouteStore(num_experts=E, moe_layers=range(L), top_k=K, block_size=BLOCK,
+                       budget_bytes=1 << 30)
+    store.add_request("long", prompt_len=tokens)
+    chunk = _step(rng, 2048)
+    for s in range(0, tokens, 2048):
+        store.write("long", s, chunk)
+    src = np.concatenate([chunk] * (tokens // 2048))
+    dst = np.empty_like(src)
+    t_store, t_copy = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        trace = store.take("long")
+        t1 = time.perf_counter()
+        np.copyto(dst, src)
+        t2 = time.perf_counter()
+        t_store.append(t1 - t0)
+        t_copy.append(t2 - t1)
+    assert trace.num_tokens == tokens and trace.missing is None
+    return src.nbytes, t_store, t_copy
+
+
 def report(name, nbytes, t_store, t_copy):
     ms, mc = statistics.median(t_store), statistics.median(t_copy)
-    print(f"{name:<34} {nbytes / 1e6:8.2f} MB/step  store {nbytes / ms / 1e9:7.2f} GB/s "
+    print(f"{name:<34} {nbytes / 1e6:8.2f} MB      store {nbytes / ms / 1e9:7.2f} GB/s "
           f"({ms * 1e3:7.3f} ms)  numpy copy {nbytes / mc / 1e9:7.2f} GB/s ({mc * 1e3:7.3f} ms)  "
           f"store/copy time x{ms / mc:6.1f}  [store min/med/max ms "
           f"{min(t_store) * 1e3:.3f}/{ms * 1e3:.3f}/{max(t_store) * 1e3:.3f}]")
@@ -88,7 +130,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"router shape: L={L} MoE layers, top-{K} of E={E} (uint8), block {BLOCK} tokens")
     report("decode: 256 requests x 1 row", *bench_decode(rng, 256, args.repeats * 4))
+    report("decode, ingest_arrays: 256 x 1 row", *bench_decode_arrays(rng, 256, args.repeats * 4))
     report("prefill: 4 requests x 2048 rows", *bench_prefill(rng, 4, 2048, args.repeats))
+    report("take: 1 request x 32768 tokens", *bench_take(rng, 32768, args.repeats))
 
 
 if __name__ == "__main__":

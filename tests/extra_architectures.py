@@ -284,16 +284,19 @@ CASES: list[ArchCase] = [
     ArchCase("llama4_text", "llama4_text",
              dict(num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=1,
                   intermediate_size_mlp=96, moe_layers=[0, 1], attention_chunk_size=64),
-             "refused", refusal="router Llama4Router",
-             notes="router returns (scores [N, E], logits): no index tensor"),
+             "works", moe_layers=(0, 1),
+             notes="router returns (scores [N, E], logits): no index tensor; routecap reads the "
+                   "ids at the router's own top-k (integrations.hf_topk)"),
     ArchCase("dbrx", "dbrx",
              dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=512, vocab_size=VOCAB,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2,
                   # rope_theta: DbrxAttention reads attn_config.rope_theta (absent by default)
-                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0),
+                  # clip_qkv: DbrxAttention clamps q/k/v with it and fails when it is None
+                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                   ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2)),
-             "refused", refusal="router DbrxRouter", common=False,
-             notes="router returns logits only; top-k happens in the block"),
+             "works", moe_layers=(0, 1), common=False,
+             notes="router returns logits only; top-k happens in the block "
+                   "(route_tokens_to_experts), where routecap reads the ids"),
     ArchCase("jetmoe", "jetmoe",
              dict(num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2,
                   kv_channels=16),

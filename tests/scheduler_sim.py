@@ -1,9 +1,13 @@
 """A deterministic serving-engine simulator that knows the true route of every token.
 
-It schedules like vLLM: continuous batching under a token budget per step, chunked prefill,
+It schedules like vLLM v1: continuous batching under a token budget per step, chunked prefill,
 prefix-cache hits by block hash (an engine-side KV cache with its own LRU capacity), preemption
 and recompute, speculative decoding with random acceptance, aborts, and several data-parallel
-ranks with uneven load stepping in lockstep. Every row the "model" computes comes from a
+ranks with uneven load stepping in lockstep. Like vLLM, the engine marks a block cached as soon
+as it is *scheduled*, and admits waiting requests one at a time after planning each: so groups of
+``n`` samples of one prompt (GRPO-style parallel sampling) arriving together hit, in the same
+step, blocks whose rows arrive only in that step's ingest (the store's same-step prefix hits).
+The store's :meth:`~routecap.store.RouteStore.check_invariants` runs after every step. Every row the "model" computes comes from a
 pseudo-router: a hash of the whole input prefix up to that position, so a row computed from a
 rejected draft token, or put under the wrong request or position, is a wrong route.
 
@@ -18,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from routecap.store import EVICTED, PRESENT, RouteStore
+from routecap.store import EVICTED, PENDING, PRESENT, RouteStore
 
 MASK = (1 << 61) - 1
 
@@ -68,6 +72,7 @@ class Stats:
     rejected_rows: int = 0
     chunks: int = 0
     aborts: int = 0
+    group_hits: int = 0  # prefix hits on blocks scheduled, not yet published, in the same step
     evictions: int = 0
     max_store_bytes: int = 0
 
@@ -78,13 +83,15 @@ class Engine:
     def __init__(self, rank: int, rng: np.random.Generator, store: RouteStore, *, E: int,
                  vocab: int, token_budget: int, kv_blocks: int, max_running: int,
                  p_spec: float, p_preempt: float, p_abort: float, arrival: float,
-                 prefixes: list[list[int]]):
+                 prefixes: list[list[int]], p_group: float = 0.0):
         self.rank, self.rng, self.store = rank, rng, store
         self.E, self.vocab, self.P = E, vocab, store.block_size
         self.L, self.K = store.num_layers, store.top_k
         self.token_budget, self.kv_blocks, self.max_running = token_budget, kv_blocks, max_running
         self.p_spec, self.p_preempt, self.p_abort, self.arrival = p_spec, p_preempt, p_abort, arrival
         self.prefixes = prefixes
+        self.p_group = p_group
+        self.scheduled: set[int] = set()  # hashes cached this step, not published yet
         self.cache: dict[int, None] = {}  # engine prefix cache: block hash -> None, LRU order
         self.waiting: list[SimRequest] = []
         self.running: list[SimRequest] = []
@@ -107,9 +114,13 @@ class Engine:
             g = self.rng
             prompt = list(self.prefixes[g.integers(len(self.prefixes))]) if g.random() < 0.6 else []
             prompt += [int(t) for t in g.integers(3, self.vocab, int(g.integers(1, 14)))]
-            self.waiting.append(SimRequest(rid=f"r{self.rank}.{self.n}", prompt=prompt,
-                                           max_new=int(g.integers(1, 12)), tokens=list(prompt)))
-            self.n += 1
+            # parallel sampling: n samples of one prompt arrive together (a GRPO group)
+            n = int(g.integers(2, 5)) if g.random() < self.p_group else 1
+            for _ in range(n):
+                self.waiting.append(SimRequest(rid=f"r{self.rank}.{self.n}", prompt=prompt,
+                                               max_new=int(g.integers(1, 12)),
+                                               tokens=list(prompt)))
+                self.n += 1
 
     def admit(self, req: SimRequest, stats: Stats) -> None:
         # longest cached prefix of full blocks; at least one token must still run
@@ -117,6 +128,7 @@ class Engine:
         j = 0
         while j < limit and self.block_hash(req, j) in self.cache:
             self.cache[self.block_hash(req, j)] = self.cache.pop(self.block_hash(req, j))
+            stats.group_hits += self.block_hash(req, j) in self.scheduled
             j += 1
         cached = j * self.P
         hashes = self.block_hashes(req, cached)
@@ -131,8 +143,13 @@ class Engine:
         self.running.append(req)
 
     def plan_step(self, stats: Stats) -> list[tuple[SimRequest, int, list[int], int]]:
-        """[(request, start, input tokens, drafts)] for this step."""
+        """[(request, start, input tokens, drafts)] for this step.
+
+        Running requests first, then waiting ones admitted one at a time (vLLM v1's order); the
+        full blocks each plan computes are marked cached in the engine as it is planned.
+        """
         g = self.rng
+        self.scheduled.clear()
         if self.running and g.random() < self.p_preempt:
             victim = self.running.pop(int(g.integers(len(self.running))))
             victim.running = False
@@ -143,31 +160,48 @@ class Engine:
             self.store.free(victim.rid)
             victim.done = True
             stats.aborts += 1
-        while self.waiting and len(self.running) < self.max_running:
-            self.admit(self.waiting.pop(0), stats)
-        budget = self.token_budget
-        plan = []
+        self.budget = self.token_budget
+        plan: list[tuple[SimRequest, int, list[int], int]] = []
         for req in self.running:
-            if budget <= 0:
+            if self.budget <= 0:
                 break
-            pending = len(req.tokens) - req.computed
-            s = req.computed
-            if pending == 1 and g.random() < self.p_spec and budget > 1:
-                d = int(g.integers(1, min(4, budget)))
-                drafts = []
-                h = req.hash_at(s)
-                for _ in range(d):  # a draft model that is right most of the time
-                    t = self.next_token(h) if g.random() < 0.7 else int(g.integers(3, self.vocab))
-                    drafts.append(t)
-                    h = mix(h, t, s + 1 + len(drafts) - 1)
-                plan.append((req, s, [req.tokens[s]] + drafts, d))
-                budget -= 1 + d
-            else:
-                n = min(pending, budget)
-                stats.chunks += n < pending
-                plan.append((req, s, req.tokens[s:s + n], 0))
-                budget -= n
+            self.plan_one(req, plan, stats)
+        while self.waiting and len(self.running) < self.max_running and self.budget > 0:
+            req = self.waiting.pop(0)
+            self.admit(req, stats)
+            self.plan_one(req, plan, stats)
         return plan
+
+    def plan_one(self, req: SimRequest, plan: list, stats: Stats) -> None:
+        g = self.rng
+        budget = self.budget
+        pending = len(req.tokens) - req.computed
+        s = req.computed
+        if pending == 1 and g.random() < self.p_spec and budget > 1:
+            d = int(g.integers(1, min(4, budget)))
+            drafts = []
+            h = req.hash_at(s)
+            for _ in range(d):  # a draft model that is right most of the time
+                t = self.next_token(h) if g.random() < 0.7 else int(g.integers(3, self.vocab))
+                drafts.append(t)
+                h = mix(h, t, s + 1 + len(drafts) - 1)
+            plan.append((req, s, [req.tokens[s]] + drafts, d))
+            self.budget -= 1 + d
+            true_end = s + 1
+        else:
+            n = min(pending, budget)
+            stats.chunks += n < pending
+            plan.append((req, s, req.tokens[s:s + n], 0))
+            self.budget -= n
+            true_end = s + n
+        # the engine caches the full blocks of scheduled (true) tokens now, before the forward
+        for h in self.block_hashes(req, true_end):
+            if h not in self.cache:
+                self.scheduled.add(h)
+            self.cache.pop(h, None)
+            self.cache[h] = None
+        while len(self.cache) > self.kv_blocks:
+            self.cache.pop(next(iter(self.cache)))
 
     def rows(self, plan) -> np.ndarray:
         """The routes the model computes for a plan: [N, L, K]."""
@@ -222,6 +256,7 @@ class Engine:
                 self.cache[h] = None
             while len(self.cache) > self.kv_blocks:
                 self.cache.pop(next(iter(self.cache)))
+        self.store.check_invariants()
         for req in [r for r, *_ in plan if r.done]:
             self.check(req, stats, start=0)
             self.store.free(req.rid)
@@ -248,20 +283,33 @@ class Engine:
         if miss.any():
             cov = self.store.coverage(req.rid, start, T)
             rows = miss.any(axis=1)
-            # missing only where the budget forced an eviction
-            assert (cov[rows] == EVICTED).all(), (req.rid, cov[rows])
+            # missing only where the budget forced an eviction: the block was evicted, or the
+            # prefix hit waits on a hash whose block was evicted before it was published
+            assert np.isin(cov[rows], (EVICTED, PENDING)).all(), (req.rid, cov[rows])
         assert (self.store.coverage(req.rid, start, T)[~miss.any(axis=1)] == PRESENT).all()
+
+
+#: requests whose block tables the simulator's budgets leave room for (running, preempted)
+TABLE_ROOM_REQUESTS = 24
+
+
+def budget_bytes(blocks: int, *, L: int, K: int, block_size: int) -> int:
+    """A budget of ``blocks`` blocks plus the block tables of the simulator's requests."""
+    from routecap.store import _ENTRY_BYTES, _REQUEST_BYTES
+
+    block = block_size * L * K + block_size * L + block_size + 128
+    tables = TABLE_ROOM_REQUESTS * (_REQUEST_BYTES + 16 * _ENTRY_BYTES)
+    return (blocks + -(-tables // block)) * block
 
 
 def simulate(seed: int, steps: int, *, ranks: int = 2, L: int = 2, K: int = 2, E: int = 16,
              block_size: int = 4, budget_blocks: int | None = None, via_capturer: bool = False,
-             ) -> Stats:
+             p_group: float = 0.15) -> Stats:
     """Run ``steps`` lockstep steps of ``ranks`` engines; returns what happened."""
     rng = np.random.default_rng(seed)
     prefixes = [[int(t) for t in rng.integers(3, 40, int(rng.integers(3, 12)))] for _ in range(4)]
     stats = Stats()
-    block_bytes = block_size * L * K + block_size * L + block_size + 128
-    budget = (budget_blocks or 10_000) * block_bytes
+    budget = budget_bytes(budget_blocks or 10_000, L=L, K=K, block_size=block_size)
     engines = []
     for r in range(ranks):
         store = RouteStore(num_experts=E, moe_layers=list(range(L)), top_k=K,
@@ -271,7 +319,7 @@ def simulate(seed: int, steps: int, *, ranks: int = 2, L: int = 2, K: int = 2, E
             token_budget=int(rng.integers(6, 24)), kv_blocks=int(rng.integers(4, 40)),
             max_running=int(rng.integers(1, 6)), p_spec=float(rng.random() * 0.5),
             p_preempt=float(rng.random() * 0.05), p_abort=0.005,
-            arrival=float(rng.random()) * (r + 1) / ranks, prefixes=prefixes))
+            arrival=float(rng.random()) * (r + 1) / ranks, prefixes=prefixes, p_group=p_group))
     capturers = None
     if via_capturer:
         capturers = _capturers(engines, L, K, E)
@@ -286,7 +334,12 @@ def simulate(seed: int, steps: int, *, ranks: int = 2, L: int = 2, K: int = 2, E
             for req, s, inputs, _ in plan:
                 segments.append((req.rid, s, row, len(inputs)))
                 row += len(inputs)
-            if capturers is None:
+            if capturers is None and r % 2:  # odd ranks: the array form of the same step
+                st = eng.store
+                arr = np.array([(st.handle(rid), s, row, n) for rid, s, row, n in segments],
+                               np.int64).reshape(-1, 4)
+                st.ingest_arrays(rows[r].astype(st.dtype), None, *arr.T.copy())
+            elif capturers is None:
                 eng.store.ingest(rows[r].astype(eng.store.dtype), None, segments)
             else:
                 capturers[r].run(rows, r, segments)

@@ -57,14 +57,22 @@ def test_layer_not_written_this_step_is_missing_not_stale():
 
 
 def test_shorter_step_after_longer_one():
-    cap, sink = capturer(L=1)
+    # step 1 is shorter than step 0 and only layer 0 writes: the rows step 0 left in the buffer
+    # (layer 1, and rows 1-2 of both layers) must never come back as step 1's routes
+    cap, sink = capturer(L=2)
     cap.begin_step(3)
     cap.capture(0, ids([1, 2], [3, 4], [5, 6]))
+    cap.capture(1, ids([6, 5], [4, 3], [2, 1]))
     cap.end_step()
     cap.begin_step(1)
     cap.capture(0, ids([7, 0]))
     cap.end_step()
-    assert sink.steps[1][1].shape == (1, 1, 2)
+    cap.drain()
+    assert len(sink.steps) == 2
+    _, got, valid, _ = sink.steps[1]
+    assert got.shape == (1, 2, 2) and valid.shape == (1, 2)
+    assert got[0, 0].tolist() == [7, 0]
+    assert valid.tolist() == [[True, False]]  # layer 1 holds step 0's [6, 5]: missing, not stale
 
 
 def test_zero_token_step():
@@ -281,3 +289,49 @@ def test_huge_ids_do_not_wrap_into_range():
     with pytest.warns(RuntimeWarning, match="outside"):
         cap.end_step()
     assert sink.steps[0][2].tolist() == [[False]]
+
+
+# ---- the TP all-gather is decided at begin_step, from the declared layout -----------------------
+def test_tp_rank_whose_layers_were_all_rejected_still_joins_the_gather(monkeypatch):
+    # A TP rank that rejects every layer (lenient) used to skip the all-gather that its peers
+    # entered: a hang. It must join, contributing cells marked unwritten (missing, not stale).
+    from routecap import capturer as capmod
+
+    peer_ids = torch.tensor([[[3, 4]]], dtype=torch.uint8)  # the other TP rank's chunk: valid
+    peer_state = torch.ones(1, 1, dtype=torch.uint8)
+    calls = []
+
+    def gather(x, group):
+        calls.append(tuple(x.shape))
+        other = peer_ids if x.dim() == 3 else peer_state
+        return torch.cat([x, other[: x.shape[0]]])
+
+    monkeypatch.setattr(capmod.rcdist, "all_gather_equal", gather)
+    cap, sink = capturer(L=1, strict=False)
+    view = RankView(tokens_per_dp=[2], tp_size=2, tp_rank=0)  # chunks: 1 row each
+    cap.begin_step(2, view=view, layout="tp_sharded")
+    with pytest.warns(RuntimeWarning, match="expected ids of shape"):
+        cap.capture(0, ids([1, 2, 3]))  # rejected: wrong K
+    cap.end_step()
+    assert calls == [(1, 1, 2), (1, 1)]  # ids and cell states, as on every other TP rank
+    _, got, valid, _ = sink.steps[0]
+    assert valid.tolist() == [[False], [True]]  # own chunk missing, the peer's chunk kept
+    assert got[1, 0].tolist() == [3, 4]
+
+
+def test_tp_sharded_rows_need_a_declared_layout():
+    # inferred per layer, the gather could be entered by some TP ranks and not others
+    cap, _ = capturer(L=1)
+    view = RankView(tokens_per_dp=[3], tp_size=2, tp_rank=0)
+    cap.begin_step(3, view=view)
+    with pytest.raises(CaptureError, match="did not declare layout='tp_sharded'"):
+        cap.capture(0, ids([1, 2], [3, 4]))
+
+
+def test_copy_segments_concatenates_slices():
+    from routecap.capturer import copy_segments
+
+    dst = torch.full((4, 2), -1)
+    src = torch.arange(12).view(6, 2)
+    assert copy_segments(dst, src, ((1, 2), (3, 0), (5, 1))) == 3
+    assert dst.tolist() == [[2, 3], [4, 5], [10, 11], [-1, -1]]

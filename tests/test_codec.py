@@ -13,8 +13,11 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzzing import fuzz_rng, report_failure
 from routecap import codec
 from routecap.codec import CodecError, decode, encode, inspect
+from routecap.codec import kernels as codec_kernels
+from routecap.codec.ranking import token_bytes
 from routecap.trace import RoutingTrace, validate_trace
 
 
@@ -40,9 +43,9 @@ SHAPES = [  # (T, L, K, E)
 
 @pytest.fixture(params=[True, False], ids=["numba", "numpy"])
 def kernels(request, monkeypatch):
-    if request.param and not codec._HAVE_NUMBA:
+    if request.param and not codec_kernels.HAVE_NUMBA:
         pytest.skip("numba is not installed")
-    monkeypatch.setattr(codec, "_HAVE_NUMBA", request.param)
+    monkeypatch.setattr(codec_kernels, "USE_NUMBA", request.param)
     return request.param
 
 
@@ -61,14 +64,14 @@ def test_roundtrip(kernels, T, L, K, E, mode):
 
 
 def test_numba_and_numpy_agree_byte_for_byte(monkeypatch):
-    if not codec._HAVE_NUMBA:
+    if not codec_kernels.HAVE_NUMBA:
         pytest.skip("numba is not installed")
     for T, L, K, E in SHAPES:
         t = make(T, L, K, E, missing=0.1, seed=1)
         for tr, mode in ((t, "order"), (t, "ids"), (t.with_sorted_topk(), "set")):
-            monkeypatch.setattr(codec, "_HAVE_NUMBA", True)
+            monkeypatch.setattr(codec_kernels, "USE_NUMBA", True)
             a = encode(tr, mode=mode, fallback=False, block_tokens=4)
-            monkeypatch.setattr(codec, "_HAVE_NUMBA", False)
+            monkeypatch.setattr(codec_kernels, "USE_NUMBA", False)
             b = encode(tr, mode=mode, fallback=False, block_tokens=4)
             assert a == b, (T, L, K, E, mode)
 
@@ -82,7 +85,7 @@ def test_packed_rows_within_three_percent_of_the_bound(E, K, limit):
         ("order", t, math.log2(math.comb(E, K) * math.factorial(K))),
     ):
         widths = inspect(encode(tr, mode=mode, fallback=False))["routes"]["widths"]
-        packed_bits_per_row = 8 * codec._token_bytes(L, widths) / L
+        packed_bits_per_row = 8 * token_bytes(L, widths) / L
         assert packed_bits_per_row <= 1.03 * bound, (mode, packed_bits_per_row, bound)
         if mode == "set":
             assert packed_bits_per_row / (8 * K) <= limit
@@ -238,26 +241,30 @@ def _mutate(rng, data: bytes, seeds) -> bytes:
     return bytes(b)
 
 
-FUZZ_INPUTS = 100_000
+@pytest.mark.parametrize("n_inputs", [4_000, pytest.param(100_000, marks=pytest.mark.slow)])
+def test_fuzz_decoder_only_clean_errors(n_inputs):
+    """Mutated encodings of every mode: each decodes to a valid trace or raises CodecError.
 
-
-def test_fuzz_decoder_only_clean_errors():
-    """100,000 mutated encodings: each decodes to a valid trace or raises CodecError."""
+    The 100,000-input run is in the slow part; ``make test`` runs it again under
+    ``NUMBA_BOUNDSCHECK=1``, where a kernel indexing past an array raises instead of reading
+    memory it does not own.
+    """
     seeds = _seeds()
-    rng = np.random.default_rng(2026)
+    seed, rng = fuzz_rng(2026)
     outcomes = {"ok": 0, "error": 0}
-    for i in range(FUZZ_INPUTS):
+    for i in range(n_inputs):
         data = seeds[i % len(seeds)]
         for _ in range(int(rng.integers(1, 4))):
             data = _mutate(rng, data, seeds)
-        try:
-            t = decode(data)
-        except CodecError:
-            outcomes["error"] += 1
-            continue
-        validate_trace(t)  # what decodes must satisfy the contract
-        outcomes["ok"] += 1
-    assert outcomes["error"] > FUZZ_INPUTS // 2 and outcomes["ok"] > 0, outcomes
+        with report_failure(seed, i, data):
+            try:
+                t = decode(data)
+            except CodecError:
+                outcomes["error"] += 1
+                continue
+            validate_trace(t)  # what decodes must satisfy the contract
+            outcomes["ok"] += 1
+    assert outcomes["error"] > n_inputs // 2 and outcomes["ok"] > 0, outcomes
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -306,3 +313,20 @@ def test_float_field_widths_are_refused(blob):
     h["routes"]["widths"] = [float(w) for w in h["routes"]["widths"]]
     with pytest.raises(CodecError, match="field widths"):
         decode(_with_header(h, rest))
+
+
+def test_fuzz_seed_is_replayable_and_the_failing_input_printed(monkeypatch, capsys):
+    import base64
+
+    monkeypatch.setenv("ROUTECAP_FUZZ_SEED", "4242")
+    seed, rng = fuzz_rng(2026)
+    assert seed == 4242 and rng.integers(1 << 30) == np.random.default_rng(4242).integers(1 << 30)
+    with pytest.raises(ZeroDivisionError):
+        with report_failure(seed, 17, b"\x00RCAP"):
+            1 / 0  # noqa: B018
+    out = capsys.readouterr().out
+    assert "fuzz seed 4242 (replay: ROUTECAP_FUZZ_SEED=4242)" in out
+    assert "fuzz input 17 of seed 4242 failed" in out and base64.b64encode(b"\x00RCAP").decode() in out
+    monkeypatch.setenv("ROUTECAP_FUZZ_SEED", "x")
+    with pytest.raises(ValueError, match="ROUTECAP_FUZZ_SEED should be an int, got 'x'"):
+        fuzz_rng(1)

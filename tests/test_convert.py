@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -85,3 +86,113 @@ def test_shape_from_a_model_config(tmp_path):
     s = RouterShape.from_config(tmp_path / "config.json")
     assert (s.num_layers, s.moe_layers, s.num_experts, s.top_k) == (3, (1, 2), 16, 4)
     json.loads((tmp_path / "config.json").read_text())
+
+
+def _vllm_line(ids, **fields):
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(ids, np.int32))
+    return json.dumps({"request_id": "a", "routed_experts": base64.b64encode(buf.getvalue())
+                       .decode(), "prompt_len": 3, **fields}) + "\n"
+
+
+def _good_ids(T=4, K=4):
+    rng = np.random.default_rng(1)
+    ids = np.zeros((T, 5, K), np.int32)
+    for t in range(T):
+        for layer in (1, 2, 4):
+            ids[t, layer] = rng.permutation(32)[:K]
+    return ids
+
+
+@pytest.mark.parametrize("fields,ids,text", [
+    ({"prompt_len": 3.7}, None, "field 'prompt_len': expected a non-negative integer, got 3.7"),
+    ({"start": 1e30}, None, "field 'start': expected a non-negative integer, got 1e+30"),
+    ({"start": -1}, None, "field 'start': expected a non-negative integer, got -1"),
+    ({"request_id": None}, None, "field 'request_id': expected a string (or integer) request id, "
+                                 "got None"),
+    ({}, "k2", "the record has K=2 experts per token, the router shape says top-k 4"),
+])
+def test_loose_vllm_records_are_refused(tmp_path, fields, ids, text):
+    """Each was accepted before: 3.7 became 3, null became "None", K=2 became a K=2 trace."""
+    p = tmp_path / "v.jsonl"
+    p.write_text(_vllm_line(_good_ids()) + _vllm_line(_good_ids(K=2) if ids else _good_ids(),
+                                                      **{"request_id": "b", **fields}))
+    with pytest.raises(ConvertError, match=re.escape(f"v.jsonl:2: {text}")):
+        list(read_records(p, "vllm", SHAPE))
+
+
+def test_loose_sglang_records_are_refused(tmp_path, folder):
+    mid = tmp_path / "s.jsonl"
+    convert(folder, mid, src_format="trace", dst_format="sglang", shape=SHAPE)
+    rec = json.loads(mid.read_text().splitlines()[0])
+    for change, text in [({"prompt_tokens": 5.5}, "field 'prompt_tokens'"),
+                         ({"id": None}, "field 'id'"),
+                         ({"routed_experts_start_len": 1e30}, "field 'routed_experts_start_len'")]:
+        mid.write_text(json.dumps({**rec, **change}) + "\n")
+        with pytest.raises(ConvertError, match=f"s.jsonl:1: {text}"):
+            list(read_records(mid, "sglang", SHAPE))
+
+
+def test_an_empty_input_is_an_error(tmp_path):
+    p = tmp_path / "empty.jsonl"
+    p.write_text("\n\n")
+    with pytest.raises(ConvertError, match="holds no vllm record"):
+        convert(p, tmp_path / "out", src_format="vllm", dst_format="trace", shape=SHAPE)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dst_fmt", ["trace", "wire"])
+def test_a_bad_record_leaves_the_destination_as_it_was(tmp_path, dst_fmt):
+    """A bad line 3 used to leave 2 traces in a trace folder, or a .part.jsonl.tmp beside JSONL."""
+    p = tmp_path / "v.jsonl"
+    p.write_text(_vllm_line(_good_ids()) + _vllm_line(_good_ids(), request_id="b")
+                 + _vllm_line(_good_ids(), request_id="c", prompt_len="x"))
+    dst = tmp_path / ("out" if dst_fmt == "trace" else "out.jsonl")
+    with pytest.raises(ConvertError, match="v.jsonl:3"):
+        convert(p, dst, src_format="vllm", dst_format=dst_fmt, shape=SHAPE)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["v.jsonl"]  # nothing beside it
+    # over an existing destination: it stays as it was
+    convert(_ok(tmp_path), dst, src_format="vllm", dst_format=dst_fmt, shape=SHAPE)
+    before = _snapshot(dst)
+    with pytest.raises(ConvertError, match="v.jsonl:3"):
+        convert(p, dst, src_format="vllm", dst_format=dst_fmt, shape=SHAPE, overwrite=True)
+    assert _snapshot(dst) == before
+    assert not [x for x in tmp_path.iterdir() if x.name.endswith(".tmp")]
+
+
+def _ok(tmp_path):
+    p = tmp_path / "ok.jsonl"
+    p.write_text(_vllm_line(_good_ids(), request_id="z"))
+    return p
+
+
+def _snapshot(dst):
+    if dst.is_dir():
+        return {x.name: x.read_bytes() for x in dst.iterdir() if x.name != ".routecap.lock"}
+    return dst.read_bytes()
+
+
+@pytest.mark.parametrize("dst_fmt", ["trace", "wire"])
+def test_convert_into_its_own_source_is_refused(tmp_path, folder, dst_fmt):
+    """`convert D D --to trace --overwrite` used to delete D's traces before reading them."""
+    before = _snapshot(folder)
+    dst = folder if dst_fmt == "trace" else folder / "x.jsonl"
+    with pytest.raises(ConvertError, match="is the source .* or inside it"):
+        convert(folder, dst, src_format="trace", dst_format=dst_fmt, shape=SHAPE, overwrite=True)
+    assert _snapshot(folder) == before
+
+
+def test_zero_token_records_round_trip(tmp_path):
+    """A record with no routed token (T=0) used to end in a TypeError from memoryview.cast."""
+    p = tmp_path / "v.jsonl"
+    p.write_text(_vllm_line(np.zeros((0, 5, 4), np.int32)))
+    assert convert(p, tmp_path / "t", src_format="vllm", dst_format="trace", shape=SHAPE) == 1
+    (t,) = list(open_traces(tmp_path / "t"))
+    assert t.num_tokens == 0 and t.request_id == "a" and t.prompt_len == 3
+    assert convert(tmp_path / "t", tmp_path / "back.jsonl", src_format="trace",
+                   dst_format="vllm", shape=SHAPE) == 1
+    (back,) = list(read_records(tmp_path / "back.jsonl", "vllm", SHAPE))
+    assert back.num_tokens == 0

@@ -27,6 +27,7 @@ from test_hf import _prompts
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from routecap.builtin import init_weights_
+from routecap.integrations.hf_topk import TopkReader
 from routecap.integrations.hf import (
     HFRouteCapture,
     UnsupportedModelError,
@@ -64,9 +65,17 @@ def _reference_routes_TLK(model, info, token_ids_T) -> np.ndarray:
     got: dict[int, torch.Tensor] = {}
     handles = []
     for site in info.sites:
-        def hook(module, args, output, layer=site.layer, slot=site.index_slot):
+        def keep(ids, layer=site.layer):
             assert layer not in got, f"router of layer {layer} ran twice in one forward"
-            got[layer] = output[slot].detach().clone()
+            got[layer] = ids.detach().clone()
+        if site.adapter.read_ids is None:  # no ids in the output: read at its own top-k
+            handles.append(TopkReader(site.module, site.block, site.adapter.force_ids,
+                                      num_experts=site.num_experts, top_k=site.top_k,
+                                      name=site.path, read=keep))
+            continue
+
+        def hook(module, args, output, slot=site.index_slot, keep=keep):
+            keep(output[slot])
         handles.append(site.module.register_forward_hook(hook))
     try:
         with torch.no_grad():

@@ -34,6 +34,7 @@ from routecap.integrations.hf_routers import (
     moe_config,
     read_router_counts,
 )
+from routecap.integrations.hf_topk import ROUTER_TOPK
 from routecap.integrations.vllm import from_request_output
 
 # (case id, E, K, moe layers, all layers): configs that spell the router shape differently
@@ -146,10 +147,14 @@ def test_golden_architectures_get_their_family_and_read_ids(arch):
 
 
 def test_unknown_router_class_gets_the_generic_adapter():
-    case = CASES_BY_ID["phimoe"]
+    case = CASES_BY_ID["granitemoe"]
     info = find_moe_routers(tiny_model(case, seed=1))
     assert {s.adapter for s in info.sites} == {GENERIC_ADAPTER}
-    assert GENERIC_ADAPTER.force_ids is None  # replay refuses what it does not know
+    # replay answers its one final top-k (and refuses at run time a call without exactly one:
+    # tests/test_hf_topk.py); families with no top-k to answer are registered with a reason
+    assert GENERIC_ADAPTER.force_ids is ROUTER_TOPK
+    phimoe = find_moe_routers(tiny_model(CASES_BY_ID["phimoe"], seed=1)).sites[0].adapter
+    assert phimoe.force_ids is None and "sparsemixer" in phimoe.replay_refusal
 
 
 class _Router(nn.Module):

@@ -7,7 +7,7 @@ import base64
 import numpy as np
 import pytest
 
-from fuzzing import mutate
+from fuzzing import fuzz_rng, mutate, report_failure
 
 from routecap.integrations.sglang import from_sglang, to_sglang
 
@@ -56,17 +56,18 @@ def test_fuzz_decoder_only_clean_errors():
     """50,000 mutated payloads: a trace or a ValueError, nothing else."""
     meta, arr = sglang_meta(T=5)
     raw = arr.tobytes()
-    rng = np.random.default_rng(11)
+    seed, rng = fuzz_rng(11)
     ok = 0
-    for _ in range(50_000):
+    for i in range(50_000):
         b = mutate(rng, raw)
         s = base64.b64encode(bytes(b)).decode()
         if rng.random() < 0.1:
             s = s[:int(rng.integers(len(s) + 1))]  # broken base64 too
-        try:
-            from_sglang({"routed_experts": s, "prompt_tokens": 3}, num_layers=4, top_k=2,
-                        moe_layers=[0, 2, 3], num_experts=16)
-            ok += 1
-        except ValueError:
-            pass
+        with report_failure(seed, i, s):
+            try:
+                from_sglang({"routed_experts": s, "prompt_tokens": 3}, num_layers=4, top_k=2,
+                            moe_layers=[0, 2, 3], num_experts=16)
+                ok += 1
+            except ValueError:
+                pass
     assert ok > 0

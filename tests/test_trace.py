@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from routecap.trace import FORMAT_VERSION, RoutingTrace, TraceValidationError, id_dtype_for
+from routecap.trace import FORMAT_VERSION, RoutingTrace, TraceValidationError, id_dtype_for, validate_trace
 
 
 def make(T=3, L=2, K=2, E=8, **kw):
@@ -144,3 +144,31 @@ def test_equals_and_metadata():
     assert not a.equals(make(request_id="other"))
     md = a.metadata()
     assert md["dtype"] == "uint8" and md["moe_layers"] == [1, 2] and md["top_k"] == 2
+
+
+def test_from_verified_checks_metadata_and_trusts_the_ids():
+    """The trusted constructor (readers of verified bytes): metadata, shapes and dtypes checked,
+    the ids neither rescanned nor copied."""
+    ids = np.array([[[1, 2]], [[3, 0]]], np.uint8)
+    ids.flags.writeable = False  # a read-only view (a memory-mapped file) stays one
+    t = RoutingTrace.from_verified(expert_ids=ids, num_experts=4, moe_layers=[5], request_id="r",
+                                   prompt_len=2, missing=np.zeros((2, 1), bool), extra={"a": 1})
+    assert t.expert_ids is ids and t.moe_layers == (5,) and t.missing is None
+    assert t.equals(RoutingTrace.from_ids(ids, num_experts=4, moe_layers=[5], request_id="r",
+                                          prompt_len=2, extra={"a": 1}))
+    bad = dict(expert_ids=ids, num_experts=4, moe_layers=[5], request_id="r", prompt_len=2)
+    for change, text in [
+        (dict(moe_layers=[5, 6]), "moe_layers: expected 1 entries"),
+        (dict(request_id=7), "request_id: expected a str"),
+        (dict(expert_ids=ids.astype(np.uint16)), "dtype uint8"),
+        (dict(missing=np.zeros((3, 1), bool)), "missing: expected None or a bool array of shape (2, 1)"),
+        (dict(prompt_len=-1), "prompt_len: expected a non-negative int"),
+        (dict(extra=[1]), "extra: expected a dict"),
+    ]:
+        with pytest.raises(TraceValidationError) as e:
+            RoutingTrace.from_verified(**{**bad, **change})
+        assert text in str(e.value), (text, str(e.value))
+    # what it trusts is not checked: an id out of range passes here, and validate_trace says so
+    wrong = RoutingTrace.from_verified(**{**bad, "expert_ids": np.array([[[1, 9]], [[3, 0]]], np.uint8)})
+    with pytest.raises(TraceValidationError, match="ids in \\[0, 4\\)"):
+        validate_trace(wrong)

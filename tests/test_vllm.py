@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from fuzzing import mutate
+from fuzzing import fuzz_rng, mutate, report_failure
 
 from routecap.integrations import vllm as rv
 from routecap.layout import LayoutError
@@ -191,7 +191,7 @@ def test_plugin_status_without_vllm(monkeypatch):
 # ---- fuzz of the decoders ----------------------------------------------------------------------
 def test_fuzz_b64npy_decoder_only_clean_errors():
     """50,000 mutated base64 .npy strings: a trace or a ValueError, nothing else."""
-    rng = np.random.default_rng(5)
+    seed, rng = fuzz_rng(5)
     seeds = []
     for dtype in (np.int32, np.uint8):
         buf = io.BytesIO()
@@ -201,12 +201,13 @@ def test_fuzz_b64npy_decoder_only_clean_errors():
     for i in range(50_000):
         b = mutate(rng, seeds[i % 2])
         s = base64.b64encode(bytes(b)).decode()
-        try:
-            rv.from_vllm_b64npy(s, moe_layers=[1, 2, 4], num_experts=32, request_id="r",
-                                prompt_len=2)
-            ok += 1
-        except ValueError:
-            pass
+        with report_failure(seed, i, s):
+            try:
+                rv.from_vllm_b64npy(s, moe_layers=[1, 2, 4], num_experts=32, request_id="r",
+                                    prompt_len=2)
+                ok += 1
+            except ValueError:
+                pass
     assert ok > 0
 
 
@@ -225,3 +226,60 @@ def test_from_request_output_uses_the_model_config():
     out.outputs[0].routed_experts = None
     with pytest.raises(ValueError, match="no routed_experts"):
         rv.from_request_output(out, cfg)
+
+
+def test_mixed_zero_and_minus_one_missing_rows_roundtrip_byte_exact():
+    a = vllm_array()
+    a[2, 2] = 0   # a skipped capture
+    a[3, 4] = -1  # the plugin's lenient mark
+    t = rv.from_vllm(a, moe_layers=[1, 2, 4], num_experts=32, request_id="r", prompt_len=4)
+    assert t.num_missing == 2
+    assert rv.to_vllm(t).tobytes() == a.tobytes()
+
+
+def _stand_in_with_buffers(kind):
+    mod = _stand_in(kind)
+    cls = mod.RoutedExpertsCapturer
+
+    def init_buffer(self, n, layers, k):
+        self._device_buffer = torch.zeros((n, layers, k), dtype=torch.int32)
+        self._host_buffer_view = np.zeros((2 * n, layers, k), np.int32)
+
+    def save_captured_experts(self, indices):
+        self._host_buffer_view[indices] = self._device_buffer[:len(indices)].numpy()
+
+    def clear_buffer(self):
+        self._device_buffer.zero_()
+
+    cls.init_buffer, cls.save_captured_experts, cls.clear_buffer = (
+        init_buffer, save_captured_experts, clear_buffer)
+    return mod
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_patched_plugin_rows_not_captured_read_minus_one_never_stale(monkeypatch, K):
+    # vLLM's buffer starts at 0 and keeps the last step's rows: a layer that does not capture in a
+    # step (K = 1: zero reads as expert 0) would hand out a valid-looking route
+    mod = _stand_in_with_buffers("0.19")
+    monkeypatch.setattr(rv, "_capturer_module", lambda: mod)
+    import sys
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.19.1"))
+    cls = mod.RoutedExpertsCapturer
+    status = rv._install()
+    assert status["patched"] and status["fills_missing"]
+    cap = cls()
+    cap.init_buffer(4, 2, K)
+    cap.dp_rank = 0
+    mod._state["ctx"] = types.SimpleNamespace(dp_metadata=None)
+    ids = torch.arange(3 * K, dtype=torch.int32).view(3, K) + 1
+    cap.capture(0, ids)       # step 1: both layers capture
+    cap.capture(1, ids)
+    cap.save_captured_experts(np.array([0, 1, 2]))
+    cap.capture(0, ids + 5)   # step 2: layer 1 skipped
+    cap.save_captured_experts(np.array([3, 4, 5]))
+    host = cap._host_buffer_view
+    assert (host[3:6, 0] == (ids + 5).numpy()).all()
+    assert (host[3:6, 1] == -1).all()    # not step 1's routes, not zeros
+    assert (host[6:, :] == -1).all()     # never written
+    t = rv.from_vllm(host[3:6], moe_layers=[0, 1], num_experts=64, request_id="r", prompt_len=1)
+    assert t.missing[:, 1].all() and not t.missing[:, 0].any()

@@ -1,6 +1,7 @@
-"""Analysis of routing traces: expert load per layer and its imbalance.
+"""Analysis of routing traces: expert load per layer and its imbalance; agreement of two captures
+(:mod:`routecap.agreement`, re-exported here).
 
-Shape legend: T tokens, L MoE layers, K top-k, E experts.
+Shape legend: T tokens, L MoE layers, K top-k, E experts, N compared (token, layer) cells.
 
 Missing cells are never counted: a missing route is not a vote for expert 0.
 """
@@ -13,9 +14,18 @@ from typing import Any
 
 import numpy as np
 
+from .agreement import Agreement, AgreementCounter, agreement
 from .trace import RoutingTrace
 
-__all__ = ["LoadCounter", "TraceSummary", "expert_counts", "summarize"]
+__all__ = [
+    "Agreement",
+    "AgreementCounter",
+    "LoadCounter",
+    "TraceSummary",
+    "agreement",
+    "expert_counts",
+    "summarize",
+]
 
 
 def expert_counts(trace: RoutingTrace) -> np.ndarray:

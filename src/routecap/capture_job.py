@@ -1,9 +1,10 @@
-"""The capture job behind ``routecap capture``: prompts in, trace shards and a summary out.
+"""The capture job behind ``routecap capture``: prompts in, a committed trace folder out.
 
-Runs in one process, or as one rank of a data-parallel group launched torchrun-style (``RANK``,
-``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` in the environment). Under data parallelism each
-rank takes every W-th prompt, writes its own shards (prefix ``rank00000``, ``rank00001``, ...) of
-the same trace folder, and rank 0 writes the merged ``summary.json``. Dispatch modes:
+Runs in one process, or as one rank of a data-parallel group started by torch's launcher
+(``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` in the environment). Under data
+parallelism each rank takes every W-th prompt and writes its own shards (prefix ``rank00000``,
+``rank00001``, ...) of one run; rank 0 holds the folder's lock and commits the manifest and
+``summary.json`` when every rank has finished. Dispatch modes:
 
 * ``local``: plain data parallelism, each rank routes its own tokens (no collective in the model);
 * ``gathered`` / ``gathered_padded``: vLLM's naive dispatch, the routers see every rank's tokens
@@ -14,6 +15,12 @@ the same trace folder, and rank 0 writes the merged ``summary.json``. Dispatch m
 With a collective inside the forward (every mode but ``local``) all ranks must run the same number
 of forwards: ranks with fewer prompts run one-token dummy batches, and ``generate`` runs with
 ``synced_gpus``.
+
+Order of work: everything checkable is checked before the model loads (sampling arguments, the
+model folder's files, the tokenizer, every prompt's token ids against the vocabulary, the output
+folder: writable, not held by another writer, not holding a capture unless ``overwrite`` or
+``resume``). Each batch is seeded from (seed, rank, batch number), so a resumed capture reruns
+exactly the batches that were not finished and gets the same routes an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -31,16 +38,21 @@ import torch
 from . import __version__
 from . import distributed as rcdist
 from .analysis import LoadCounter, TraceSummary
-from .files import TraceWriter, _atomic_write
+from .capture_checks import (
+    JobError,
+    check_model,
+    check_sampling,
+    encode_prompts,
+    fingerprint,
+)
+from .files import TraceFileError, _atomic_write
+from .folderlock import FolderLockedError, describe_os_error
 from .prompts import Prompt
+from .tracefolder import FolderRun, TraceSet, TraceWriter
 
 __all__ = ["DISPATCHES", "CaptureJob", "JobError", "JobResult", "run_capture_job"]
 
 DISPATCHES = ("local", "gathered", "gathered_padded", "ep")
-
-
-class JobError(ValueError):
-    """The job cannot run as configured; the message says why and what to do."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +71,7 @@ class CaptureJob:
     strict: bool = True
     shard_requests: int = 1024
     overwrite: bool = False
+    resume: bool = False
     dispatch: str = "local"
 
 
@@ -68,6 +81,13 @@ class JobResult:
     shards: list[str]
     rank: int
     world: int
+    run_id: str = ""
+    resumed_requests: int = 0  # requests a resumed run found already written
+    already_complete: bool = False  # --resume on a committed capture: nothing was run
+
+
+class QuietJobError(JobError):
+    """A failure another rank (rank 0) reports; this rank exits without repeating it."""
 
 
 def _world() -> tuple[int, int, int]:
@@ -77,23 +97,9 @@ def _world() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def _encode_batch(batch: Sequence[Prompt], tok: Any, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded input_ids and attention_mask for a batch of prompts."""
-    rows: list[list[int]] = []
-    for p in batch:
-        if p.token_ids is not None:
-            bad = [t for t in p.token_ids if t >= vocab]
-            if bad:
-                raise JobError(f"request {p.request_id!r}: token id {bad[0]} is outside the "
-                               f"model's vocabulary of {vocab}")
-            rows.append(list(p.token_ids))
-        else:
-            ids = tok(p.text, add_special_tokens=True)["input_ids"]
-            if not ids:
-                raise JobError(f"request {p.request_id!r}: the prompt tokenizes to nothing")
-            rows.append(list(ids))
+def _pad_left(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded input_ids and attention_mask for a batch of token id lists."""
     W = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     input_ids = torch.full((len(rows), W), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), W), dtype=torch.long)
     for b, r in enumerate(rows):
@@ -102,57 +108,66 @@ def _encode_batch(batch: Sequence[Prompt], tok: Any, vocab: int) -> tuple[torch.
     return input_ids, mask
 
 
+def _batch_seed(seed: int, rank: int, batch: int) -> int:
+    return ((seed * 1_000_003 + rank) * 1_000_003 + batch) % (1 << 63)
+
+
+def load_tokenizer(name: str, *, builtin: bool) -> Any:
+    """The model's tokenizer (left padding; pad = eos when it has no pad token)."""
+    if builtin:
+        from .builtin import byte_tokenizer
+
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(Path(name))
+    except Exception as e:  # noqa: BLE001 -- any failure of user files is a one-line error
+        raise JobError(f"--model {name}: cannot load its tokenizer ({type(e).__name__}: {e})"
+                       ) from None
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_model(name: str, *, device: str, dtype: torch.dtype, distributed_config: Any = None
-               ) -> tuple[Any, Any]:
-    """(model, tokenizer) for ``builtin:NAME`` or a local transformers model folder."""
-    from .builtin import BUILTIN_PREFIX, byte_tokenizer, load_builtin
+               ) -> Any:
+    """The model for ``builtin:NAME`` or a local transformers model folder."""
+    from .builtin import BUILTIN_PREFIX, load_builtin
 
     if name.startswith(BUILTIN_PREFIX):
         try:
-            model, tok = load_builtin(name, device="cpu" if distributed_config else device,
-                                      dtype=dtype)
+            model, _ = load_builtin(name, device="cpu" if distributed_config else device,
+                                    dtype=dtype)
         except ValueError as e:
             raise JobError(f"--model: {e}") from None
         if distributed_config is None:
-            return model, tok
+            return model
         # transformers applies expert parallelism while loading: go through a folder
         with tempfile.TemporaryDirectory(prefix="routecap-builtin-") as tmp:
             model.save_pretrained(tmp)
-            model, _ = _from_pretrained(Path(tmp), name, device, dtype, distributed_config,
-                                        tokenizer=False)
+            model = _from_pretrained(Path(tmp), name, device, dtype, distributed_config)
             model.config.name_or_path = name
-        return model, byte_tokenizer()
+        return model
     return _from_pretrained(Path(name), name, device, dtype, distributed_config)
 
 
-def _from_pretrained(path: Path, name: str, device: str, dtype: torch.dtype, dc: Any, *,
-                     tokenizer: bool = True) -> tuple[Any, Any]:
-    if not path.is_dir():
-        raise JobError(f"--model {name}: no such folder, and not a built-in model (built-ins: "
-                       "builtin:tiny-qwen3-moe). Models are loaded from local folders only.")
-    if not (path / "config.json").is_file():
-        raise JobError(f"--model {name}: no config.json in it; expected a transformers model "
-                       "folder (as written by save_pretrained)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _from_pretrained(path: Path, name: str, device: str, dtype: torch.dtype, dc: Any) -> Any:
+    from transformers import AutoModelForCausalLM
 
-    tok = None
     try:
-        if tokenizer:
-            tok = AutoTokenizer.from_pretrained(path)
         kwargs: dict[str, Any] = {"dtype": dtype}
         if dc is not None:
             kwargs["distributed_config"] = dc
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise JobError(f"--model {name}: cannot load a transformers causal LM from it ({e})") from None
+    except Exception as e:  # noqa: BLE001 -- corrupt or unsupported user files: one line, exit 2
+        raise JobError(f"--model {name}: cannot load a transformers causal LM from it "
+                       f"({type(e).__name__}: {e})") from None
     if dc is None:
         model.to(device)
     model.eval()
-    if tok is not None:
-        tok.padding_side = "left"
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-    return model, tok
+    return model
 
 
 def _ep_config(world: int) -> Any:
@@ -170,25 +185,118 @@ def _ep_config(world: int) -> Any:
             "--dispatch gathered") from None
 
 
+def _settings(job: CaptureJob, world: int) -> dict[str, Any]:
+    return {"max_new_tokens": job.max_new_tokens, "batch_size": job.batch_size,
+            "device": job.device.split(":")[0], "dtype": str(job.dtype).removeprefix("torch."),
+            "seed": job.seed, "sample": job.sample,
+            "temperature": job.temperature if job.sample else None,
+            "top_p": job.top_p if job.sample else None, "strict": job.strict, "nproc": world,
+            "dispatch": job.dispatch}
+
+
+def _open_folder(job: CaptureJob, fp: dict[str, Any]) -> tuple[FolderRun | None, Any]:
+    """Rank 0 takes the folder: (run, decision) where decision is what every rank needs."""
+    try:
+        run = FolderRun(job.out_dir, overwrite=job.overwrite, resume=job.resume, job=fp).start()
+    except FolderLockedError as e:
+        return None, ("error", str(e.strerror))
+    except FileExistsError as e:
+        hint = "" if job.resume else "; pass --overwrite (or --resume to finish an unfinished one)"
+        return None, ("error", f"{e}{hint}")
+    except TraceFileError as e:
+        return None, ("error", str(e))
+    except OSError as e:
+        return None, ("error", describe_os_error(e, f"--out {job.out_dir}"))
+    return run, ("ok", run.run_id, run.already_complete)
+
+
 def run_capture_job(job: CaptureJob, *, advance: Callable[[int], None] | None = None) -> JobResult:
     """Run ``job`` in this process (one rank of the group when ``WORLD_SIZE`` > 1)."""
-    from .integrations.hf import HFRouteCapture, ParallelConfig, capture_generate
-
     if job.dispatch not in DISPATCHES:
         raise JobError(f"--dispatch {job.dispatch!r}: expected one of {DISPATCHES}")
     rank, world, local_rank = _world()
+    if world == 1 and job.dispatch != "local":
+        raise JobError(f"--dispatch {job.dispatch} needs several processes (--nproc N, N > 1)")
     device = job.device
     if world > 1 and device == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
-    if world == 1 and job.dispatch != "local":
-        raise JobError(f"--dispatch {job.dispatch} needs several processes (--nproc N, N > 1)")
     import torch.distributed as dist
 
-    dc = _ep_config(world) if job.dispatch == "ep" else None
-    if world > 1 and dc is None and not dist.is_initialized():
+    if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    model, tok = load_model(job.model, device=device, dtype=job.dtype, distributed_config=dc)
+    ok = False
+    try:
+        result = _run(job, rank, world, device, advance)[0]
+        ok = True
+        return result
+    except OSError as e:
+        raise JobError(describe_os_error(e, f"writing the traces to {job.out_dir}")) from None
+    finally:
+        if world > 1 and dist.is_initialized():
+            if ok:  # NOTE: ranks leave together, so no rank tears the group down under another
+                rcdist.barrier(None)
+            dist.destroy_process_group()
+
+
+def _run(job: CaptureJob, rank: int, world: int, device: str,
+         advance: Callable[[int], None] | None) -> tuple[JobResult, FolderRun | None]:
+    from .integrations.hf import HFRouteCapture, ParallelConfig, capture_generate
+
+    # ---- checks before the model loads (every rank checks its inputs; rank 0 takes the folder)
+    prompts = list(job.prompts)
+    decision: Any = None
+    run: FolderRun | None = None
+    try:
+        check_sampling(sample=job.sample, temperature=job.temperature, top_p=job.top_p)
+        dc = _ep_config(world) if job.dispatch == "ep" else None
+        info = check_model(job.model)
+        needs_tok = any(p.token_ids is None for p in prompts)
+        # a tokenizer only where there is one and a text prompt needs it (token-id prompts do not)
+        tok = load_tokenizer(job.model, builtin=info.builtin) \
+            if info.builtin or (needs_tok and info.has_tokenizer) else None
+        rows = encode_prompts(prompts, tok, info.vocab_size)
+        fp = fingerprint(model=info, prompts=prompts, settings=_settings(job, world))
+        if rank == 0:
+            run, decision = _open_folder(job, fp)
+    except JobError as e:
+        decision = ("error", str(e))
+    if world > 1:
+        decisions = rcdist.all_gather_objects(decision, None)
+        decision = next((d for d in decisions if d and d[0] == "error"), decisions[0])
+    if decision[0] == "error":
+        if run is not None:
+            run.close()
+        if rank == 0 or world == 1:
+            raise JobError(decision[1])
+        raise QuietJobError(decision[1])
+    _, run_id, already_complete = decision
+    if already_complete:
+        if run is not None:
+            run.close()
+        return JobResult(summary=None, shards=[], rank=rank, world=world, run_id=run_id,
+                         already_complete=True), run
+
+    try:
+        return _capture(job, rank, world, device, advance, run, run_id, rows, tok, dc, fp,
+                        HFRouteCapture, ParallelConfig, capture_generate), run
+    except BaseException:
+        if run is not None and run.overwriting:
+            run.rollback()  # the folder keeps its committed capture, exactly as it was
+        raise
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _capture(job: CaptureJob, rank: int, world: int, device: str,
+             advance: Callable[[int], None] | None, run: FolderRun | None, run_id: str,
+             rows: list[list[int]], tok: Any, dc: Any, fp: dict[str, Any],
+             HFRouteCapture: Any, ParallelConfig: Any, capture_generate: Any) -> JobResult:
+    prompts = list(job.prompts)
+    model = load_model(job.model, device=device, dtype=job.dtype, distributed_config=dc)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    encode_prompts([p for p in prompts if p.token_ids is not None], None, vocab)
     parallel = None
     if world > 1 and job.dispatch != "local":
         layout = "local" if job.dispatch == "ep" else job.dispatch
@@ -196,39 +304,63 @@ def run_capture_job(job: CaptureJob, *, advance: Callable[[int], None] | None = 
     cap = HFRouteCapture(model, strict=job.strict, parallel=parallel)
     prefix = "traces" if world == 1 else f"rank{rank:05d}"
     writer = TraceWriter(job.out_dir, prefix=prefix, max_requests=job.shard_requests,
-                         overwrite=job.overwrite)
-    vocab = int(model.get_input_embeddings().weight.shape[0])
-    mine = list(job.prompts)[rank::world]
-    # with collectives in the forward, every rank runs as many batches as rank 0 (the most)
-    n_batches = -(-len(mine) // job.batch_size)
+                         run=run_id, job=fp)
+    counter = LoadCounter()
+    done = writer.done_ids
+    if writer.shards:  # a resumed run: what is written counts in the summary
+        entries = [{**e, "path": str(job.out_dir / e["file"])} for e in writer.shards]
+        for t in TraceSet(job.out_dir, entries, verify=True, complete=False, source="journal"):
+            counter.add(t)
+    order = list(range(len(prompts)))[rank::world]
+    mine = [prompts[i] for i in order]
+    my_rows = [rows[i] for i in order]
+    B = job.batch_size
+    n_batches = -(-len(mine) // B)
     if parallel is not None or job.dispatch == "ep":
-        n_batches = -(-len(list(job.prompts)[0::world]) // job.batch_size)
-    torch.manual_seed(job.seed + rank)
+        n_batches = -(-len(prompts[0::world]) // B)  # every rank runs as many batches as rank 0
+    finished = [all(p.request_id in done for p in mine[i * B:(i + 1) * B])
+                for i in range(n_batches)]
+    n_done = len(done)
+    if world > 1:  # skip a batch only where every rank has finished it (the group stays in step)
+        parts = rcdist.all_gather_objects((finished, n_done), None)
+        finished = [all(f[i] if i < len(f) else True for f, _ in parts) for i in range(n_batches)]
+        n_done = sum(n for _, n in parts)
+    if advance is not None and n_done:
+        advance(n_done)
     gen: dict[str, Any] = dict(max_new_tokens=job.max_new_tokens, do_sample=job.sample)
     if job.sample:
         gen.update(temperature=job.temperature, top_p=job.top_p)
-    if tok.pad_token_id is not None:
-        gen["pad_token_id"] = tok.pad_token_id
+    pad = _pad_id(model, tok)
+    gen["pad_token_id"] = pad
     if job.dispatch == "ep":
         gen["synced_gpus"] = True
-    counter = LoadCounter()
-    with cap, writer:
+    with cap:
         for i in range(n_batches):
-            batch = mine[i * job.batch_size:(i + 1) * job.batch_size]
+            if finished[i]:
+                continue
+            batch = mine[i * B:(i + 1) * B]
             if batch:
-                input_ids, mask = _encode_batch(batch, tok, vocab)
+                input_ids, mask = _pad_left(my_rows[i * B:(i + 1) * B], pad)
             else:  # keep the group in step: a one-token dummy batch whose routes are dropped
-                input_ids, mask = torch.tensor([[tok.pad_token_id or 0]]), torch.tensor([[1]])
-            traces, _ = capture_generate(
-                model, input_ids.to(device), mask.to(device), capture=cap, dummy=not batch,
-                request_ids=[p.request_id for p in batch] or None, **gen)
+                input_ids, mask = torch.tensor([[pad]]), torch.tensor([[1]])
+            torch.manual_seed(_batch_seed(job.seed, rank, i))
+            try:
+                traces, _ = capture_generate(
+                    model, input_ids.to(device), mask.to(device), capture=cap, dummy=not batch,
+                    request_ids=[p.request_id for p in batch] or None, **gen)
+            except BaseException:
+                writer.abort()
+                raise
             for t in traces:
+                if t.request_id in done:
+                    continue  # finished before the resume; the rerun of its batch is identical
                 if world > 1:
                     t = _with_rank(t, rank)
                 writer.append(t)
                 counter.add(t)
             if advance is not None and batch:
-                advance(len(batch) * world)
+                advance(sum(p.request_id not in done for p in batch) * world)
+    writer.close(commit=False)
     summary = counter.summary() if counter.num_requests else None
     shards = [s["file"] for s in writer.shards]
     if world > 1:
@@ -236,21 +368,37 @@ def run_capture_job(job: CaptureJob, *, advance: Callable[[int], None] | None = 
         merged = LoadCounter()
         for c, _ in parts:
             merged.merge(c)
-        summary = merged.summary() if rank == 0 else None
+        summary = merged.summary() if rank == 0 and merged.num_requests else None
         shards = [f for _, s in parts for f in s]
-        rcdist.barrier(None)
     if rank == 0:
         if summary is None:
             raise JobError("no traces were captured")
-        payload = {"routecap_version": __version__, "command": "capture", "model": job.model,
-                   "device": job.device, "dtype": str(job.dtype).removeprefix("torch."),
+        payload = {"routecap_version": __version__, "command": "capture", "run_id": run_id,
+                   "model": job.model, "device": job.device,
+                   "dtype": str(job.dtype).removeprefix("torch."),
                    "max_new_tokens": job.max_new_tokens, "sample": job.sample, "seed": job.seed,
                    "nproc": world, "dispatch": job.dispatch, "shards": shards,
                    **summary.to_dict()}
+        assert run is not None
+        run.commit(extra={"summary": payload})
+        # a convenience copy; the manifest's "summary" is the committed one
         _atomic_write(job.out_dir / "summary.json", json.dumps(payload, indent=1))
-    if world > 1:
-        dist.destroy_process_group()
-    return JobResult(summary=summary, shards=shards, rank=rank, world=world)
+    return JobResult(summary=summary, shards=shards, rank=rank, world=world, run_id=run_id,
+                     resumed_requests=n_done)
+
+
+def _pad_id(model: Any, tok: Any) -> int:
+    if tok is not None and tok.pad_token_id is not None:
+        return int(tok.pad_token_id)
+    gc = getattr(model, "generation_config", None)
+    for v in (getattr(gc, "pad_token_id", None), getattr(gc, "eos_token_id", None),
+              getattr(model.config, "pad_token_id", None),
+              getattr(model.config, "eos_token_id", None)):
+        if isinstance(v, list) and v:
+            v = v[0]
+        if isinstance(v, int):
+            return v
+    return 0
 
 
 def _with_rank(trace: Any, rank: int) -> Any:

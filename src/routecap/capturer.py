@@ -39,10 +39,32 @@ import numpy as np
 import torch
 
 from . import distributed as rcdist
+from .capture_kernels import finish_cells, fused_available
 from .layout import Layout, LayoutError, RankView, RowPlan, infer_layout, plan_rows
 from .trace import id_dtype_for
 
-__all__ = ["CaptureError", "CaptureSpec", "StepCapturer", "StepSnapshot"]
+__all__ = ["CaptureError", "CaptureSpec", "StepCapturer", "StepSnapshot", "copy_segments"]
+
+
+def copy_segments(dst_NK: Any, src_NK: Any, segments: tuple[tuple[int, int], ...]) -> int:
+    """Copy the ``(start, length)`` slices of ``src_NK`` one after another into ``dst_NK``'s rows.
+
+    The one place where a plan's segments (:func:`routecap.layout.plan_rows`) become copies: a
+    device copy per non-empty segment, no host sync. Returns the rows written.
+
+    Example:
+        >>> dst = torch.zeros(3, 1, dtype=torch.long)
+        >>> copy_segments(dst, torch.arange(6).view(6, 1), ((1, 2), (4, 1)))
+        3
+        >>> dst.view(-1).tolist()
+        [1, 2, 4]
+    """
+    d = 0
+    for start, length in segments:
+        if length:
+            dst_NK[d:d + length] = src_NK[start:start + length]
+        d += length
+    return d
 
 
 class CaptureError(RuntimeError):
@@ -84,6 +106,7 @@ class StepSnapshot:
 class _Pending:
     step: int
     num_tokens: int
+    valid_rows: int  # rows past this (a graph replayed at a smaller size) read as missing
     tag: Any
     slot: int
     event: Any  # torch.cuda.Event
@@ -99,7 +122,9 @@ class _Step:
     layout: Layout | None
     publish: bool
     plans: dict[int, RowPlan]  # by N, so each size is resolved once per step
-    gather: RowPlan | None = None  # the TP-gather plan, if the step shards rows over TP
+    gather: RowPlan | None  # the TP-gather plan, decided at begin_step from the declared layout
+    rows: int  # rows every successful capture writes: n, or this TP rank's chunk under a gather
+    written_L: list[bool]  # host-side: which layers wrote this step (the rest read as missing)
 
 
 def _device_narrow_dtype(num_experts: int) -> torch.dtype:
@@ -157,6 +182,8 @@ class StepCapturer:
         self._host_dtype = id_dtype_for(spec.num_experts)
         self._narrow = _device_narrow_dtype(spec.num_experts)
         self._cuda = self.device.type == "cuda"
+        self._fused = fused_available(self.device)
+        self._graph_rows = 0  # rows the captured graph's step holds
         self._num_slots = max(1, host_slots)
         self._pending: deque[_Pending] = deque()
         self._free_slots: deque[int] = deque(range(self._num_slots))
@@ -174,11 +201,13 @@ class StepCapturer:
         self.capacity = capacity
         # int64, as routers return: any id, however large, is range-checked before narrowing
         self._ids_NLK = torch.zeros(capacity, L, K, dtype=torch.int64, device=dev)
-        self._rows_L = torch.zeros(L, dtype=torch.int32, device=dev)
-        self._row_index_N = torch.arange(capacity, dtype=torch.int32, device=dev)
         self._narrow_NLK = torch.zeros(capacity, L, K, dtype=self._narrow, device=dev)
         # Cell state of the step: 0 not written this step, 1 valid, 2 written with ids out of range.
         self._state_NL = torch.zeros(capacity, L, dtype=torch.uint8, device=dev)
+        if self._fused:
+            # NOTE: compile the kernel now, never while a CUDA graph is being captured
+            finish_cells(self._ids_NLK[:1], self._narrow_NLK[:1], self._state_NL[:1],
+                         self.spec.num_experts, fused=True)
         self._host_ids: list[torch.Tensor] = []
         self._host_state: list[torch.Tensor] = []
         if self._cuda:
@@ -230,10 +259,18 @@ class StepCapturer:
             rows_needed = max(rows_needed, view.tp_size * max(view.shard_size or 0, view.max_chunk))
         if rows_needed > self.capacity:
             self._grow(rows_needed)
-        self._step = _Step(num_tokens=num_tokens, tag=tag, view=view,
-                           layout=None if layout is None else Layout(layout),
-                           publish=view is None or view.tp_rank == 0, plans={})
-        self._rows_L.zero_()
+        lay = None if layout is None else Layout(layout)
+        gather = None
+        rows = num_tokens
+        if lay is Layout.TP_SHARDED and view is not None and view.tp_size > 1:
+            # NOTE: whether the step all-gathers over TP is decided here, from the declared layout,
+            # never from which captures succeeded: every TP rank must join the collective, even one
+            # whose layers were all rejected (it contributes cells marked unwritten)
+            gather = plan_rows(lay, view, view.chunk(view.dp_rank, view.tp_rank))
+            rows = gather.segments[0][1]
+        self._step = _Step(num_tokens=num_tokens, tag=tag, view=view, layout=lay,
+                           publish=view is None or view.tp_rank == 0, plans={}, gather=gather,
+                           rows=rows, written_L=[False] * self.spec.num_layers)
 
     def _plan(self, step: _Step, num_rows: int) -> RowPlan:
         plan = step.plans.get(num_rows)
@@ -262,19 +299,19 @@ class StepCapturer:
         except LayoutError as e:
             self._reject("rows", f"capture(layer {layer}): {e}")
             return
-        if plan.tp_gather:
-            if step.gather is not None and step.gather != plan:
-                self._reject("rows", f"capture(layer {layer}): layers of one step disagree on "
-                             "how rows are sharded over TP")
-                return
-            step.gather = plan
-        dst = 0
-        for start, length in plan.segments:
-            if length:
-                self._ids_NLK[dst:dst + length, layer].copy_(
-                    topk_ids_NK[start:start + length], non_blocking=True)
-            dst += length
-        self._rows_L[layer].fill_(dst)
+        if plan.tp_gather != (step.gather is not None) or (
+                plan.tp_gather and plan.tp_chunks != step.gather.tp_chunks):
+            self._reject("rows", f"capture(layer {layer}): the router's {plan.num_rows} rows fit "
+                         f"{plan.layout.value}, which "
+                         + ("shards rows over TP, but the step did not declare layout="
+                            "'tp_sharded' at begin_step (every TP rank must agree on the "
+                            "all-gather before the forward)" if plan.tp_gather else
+                            "does not shard rows over TP, but the step declared 'tp_sharded'"))
+            return
+        dst = copy_segments(self._ids_NLK[:, layer], topk_ids_NK, plan.segments)
+        if dst != step.rows:  # a plan keeps this rank's rows: n, or its TP chunk
+            raise AssertionError(f"plan {plan} wrote {dst} rows, the step expects {step.rows}")
+        step.written_L[layer] = True
 
     def _check(self, layer: Any, ids: Any) -> tuple[str, str] | None:
         # NOTE: every check reads host-side metadata (shape, dtype) only: no sync.
@@ -306,17 +343,19 @@ class StepCapturer:
                 stacklevel=3,
             )
 
-    def _finish_device(self, step: _Step) -> None:
-        """Device half of end_step: narrow, cell states, TP gather. No host sync."""
-        E = self.spec.num_experts
-        rows = step.gather.segments[0][1] if step.gather is not None else step.num_tokens
-        ids = self._ids_NLK[:rows]
-        written_NL = self._row_index_N[:rows, None] < self._rows_L[None, :]
-        bad_NL = ((ids < 0) | (ids >= E)).any(dim=-1)
-        state = self._state_NL[:rows]
-        torch.add(written_NL.to(torch.uint8), bad_NL.to(torch.uint8), out=state)
-        state.mul_(written_NL)
-        self._narrow_NLK[:rows].copy_(ids)
+    def _finish_device(self, step: _Step) -> int:
+        """Device half of end_step: narrow, cell states, TP gather. No host sync.
+
+        One fused kernel (CUDA with Triton) for every written cell, plus a clear of the cells of
+        each layer that wrote nothing (rare), plus the gather collectives of a TP-sharded step.
+        Returns the rows the step holds afterwards.
+        """
+        rows = step.rows
+        finish_cells(self._ids_NLK[:rows], self._narrow_NLK[:rows], self._state_NL[:rows],
+                     self.spec.num_experts, fused=self._fused)
+        for layer, written in enumerate(step.written_L):
+            if not written and rows:
+                self._state_NL[:rows, layer].zero_()
         if step.gather is not None:
             plan = step.gather
             S = plan.gather_rows
@@ -332,9 +371,7 @@ class StepCapturer:
                     self._state_NL[dst:dst + chunk].copy_(state_all[t * S:t * S + chunk])
                 dst += chunk
             rows = dst
-        if self._graph_steps:
-            # a replay publishes up to its own rows; any row past them reads as never written
-            self._state_NL[rows:].zero_()
+        return rows
 
     def end_step(self) -> None:
         """Close the step: narrow, mark valid cells and start the copy to the host (no sync)."""
@@ -347,7 +384,7 @@ class StepCapturer:
         finally:
             step_no, self._step_no = self._step_no, self._step_no + 1
         if step.publish:
-            self._copy_out(step_no, step.num_tokens, step.tag)
+            self._copy_out(step_no, step.num_tokens, step.num_tokens, step.tag)
 
     def abort_step(self) -> None:
         """Drop the open step (the forward failed); nothing of it reaches the sink."""
@@ -374,7 +411,7 @@ class StepCapturer:
             self._step = None
             if step is None:
                 raise CaptureError("graph_step: the step was closed inside the graph")
-            self._finish_device(step)
+            self._graph_rows = self._finish_device(step)
             self._graph_publish = step.publish
             self._graphed = True
         finally:
@@ -392,13 +429,13 @@ class StepCapturer:
                                f"{num_tokens!r}")
         step_no, self._step_no = self._step_no, self._step_no + 1
         if self._graph_publish:
-            self._copy_out(step_no, num_tokens, tag)
+            self._copy_out(step_no, num_tokens, min(num_tokens, self._graph_rows), tag)
 
     # ---- host side --------------------------------------------------------------------------------
-    def _copy_out(self, step_no: int, n: int, tag: Any) -> None:
+    def _copy_out(self, step_no: int, n: int, valid_rows: int, tag: Any) -> None:
         if not self._cuda:
             self._deliver(step_no, tag, self._narrow_NLK[:n].numpy(),
-                          self._state_NL[:n].numpy())
+                          self._state_NL[:n].numpy(), valid_rows)
             return
         if not self._free_slots:
             # NOTE: backpressure: every pinned slot is in flight, so wait for the oldest copy.
@@ -408,7 +445,8 @@ class StepCapturer:
         self._host_state[slot][:n].copy_(self._state_NL[:n], non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._pending.append(_Pending(step=step_no, num_tokens=n, tag=tag, slot=slot, event=event))
+        self._pending.append(_Pending(step=step_no, num_tokens=n, valid_rows=valid_rows, tag=tag,
+                                      slot=slot, event=event))
 
     def poll(self) -> int:
         """Hand every step whose copy has finished to the sink, without waiting. Returns how many."""
@@ -434,13 +472,14 @@ class StepCapturer:
             try:
                 ids = self._host_ids[p.slot][: p.num_tokens].numpy()
                 state = self._host_state[p.slot][: p.num_tokens].numpy()
-                self._deliver(p.step, p.tag, ids, state)
+                self._deliver(p.step, p.tag, ids, state, p.valid_rows)
             finally:
                 self._free_slots.append(p.slot)
             done += 1
         return done
 
-    def _deliver(self, step: int, tag: Any, ids: np.ndarray, state: np.ndarray) -> None:
+    def _deliver(self, step: int, tag: Any, ids: np.ndarray, state: np.ndarray,
+                 valid_rows: int) -> None:
         if ids.dtype != self._host_dtype:
             if ids.dtype.itemsize == self._host_dtype.itemsize:
                 ids = ids.view(self._host_dtype)
@@ -448,6 +487,9 @@ class StepCapturer:
                 ids = ids.astype(self._host_dtype)
         valid = state == 1
         bad = state == 2
+        # rows past what the step (or the replayed graph) wrote hold another step's cells
+        valid[valid_rows:] = False
+        bad[valid_rows:] = False
         if bad.any():
             row, layer = (int(v) for v in np.argwhere(bad)[0])
             msg = (

@@ -61,7 +61,12 @@ class PromptFormat(str, Enum):
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    """Print ``error: MESSAGE`` on one line, the message verbatim (no markup: a message such as
+    "at [token 5, layer 0, slot 0]" must keep its brackets)."""
+    from rich.text import Text
+
+    err.print(Text.assemble(("error: ", "bold red"), " ".join(str(message).split())),
+              soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -143,72 +148,114 @@ def capture(
     strict: Annotated[bool, typer.Option("--strict/--lenient", help="Fail on bad capture input, "
                                          "or mark it missing and go on.")] = True,
     shard_requests: Annotated[int, typer.Option(min=1, help="Requests per shard file.")] = 1024,
-    overwrite: Annotated[bool, typer.Option(help="Replace traces already in --out.")] = False,
-    nproc: Annotated[int, typer.Option(min=1, help="Data-parallel processes (torchrun-style "
-                                                    "launch; each rank writes its own shards).")]
+    overwrite: Annotated[bool, typer.Option(help="Replace the capture already in --out (the old "
+                                              "one stays until the new one has succeeded).")]
+    = False,
+    resume: Annotated[bool, typer.Option(help="Finish an unfinished (killed) capture in --out: "
+                                         "same model, prompts and settings; done requests are "
+                                         "skipped.")] = False,
+    nproc: Annotated[int, typer.Option(min=1, help="Data-parallel processes on this node "
+                                                    "(started by torch's launcher; each rank "
+                                                    "writes its own shards).")]
     = 1,
     dispatch: Annotated[Dispatch, typer.Option(help="With --nproc > 1: local (each rank routes "
                                                "its tokens), gathered / gathered_padded (the "
                                                "routers see every rank's tokens, as vLLM's naive "
                                                "dispatch), ep (transformers' expert parallelism, "
                                                "all-to-all).")] = Dispatch.local,
+    nnodes: Annotated[int, typer.Option(min=1, help="Machines in the job (run the same command "
+                                                    "on each; --out on a shared file system).")]
+    = 1,
+    node_rank: Annotated[int | None, typer.Option(help="This machine's number, 0..nnodes-1 "
+                                                  "(fixed ranks; node 0 hosts --rdzv-endpoint). "
+                                                  "Left out: assigned by the rendezvous.")]
+    = None,
+    rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT where the nodes meet "
+                                                      "(needed with --nnodes > 1).")] = None,
+    rdzv_id: Annotated[str | None, typer.Option(help="Job id, the same on every node (needed "
+                                                "with --nnodes > 1).")] = None,
 ) -> None:
     """Capture the routes of every prompt and write one trace per request plus a summary."""
-    from .capture_job import CaptureJob, JobError, run_capture_job
-    from .files import TraceFileError
-    from .integrations.hf import UnsupportedModelError
+    from .capture_checks import JobError, check_sampling
+    from .folderlock import FolderLockedError, describe_os_error, probe
     from .prompts import PromptFileError, read_prompts
 
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        raise typer.Exit(_launch(nproc))
-    rank = int(os.environ.get("RANK", "0"))
+    if overwrite and resume:
+        raise _fail("--overwrite and --resume exclude each other: --resume finishes the capture "
+                    "in --out, --overwrite replaces it")
     try:
         items = read_prompts(prompts, prompts_format.value)
-    except PromptFileError as e:
+        check_sampling(sample=sample, temperature=temperature, top_p=top_p)
+    except (PromptFileError, JobError) as e:
         raise _fail(str(e)) from None
-    if (out_dir / "summary.json").exists() and not overwrite:
-        raise _fail(f"{out_dir} already holds a capture (summary.json); pass --overwrite or "
-                    "choose another --out")
     if out_dir.exists() and not out_dir.is_dir():
         raise _fail(f"--out {out_dir}: exists and is not a folder")
+    workers = nproc * nnodes
+    if workers > 1 and "WORLD_SIZE" not in os.environ:
+        try:  # refuse a second writer at once, before any rank starts
+            probe(out_dir)
+        except FolderLockedError as e:
+            raise _fail(str(e.strerror)) from None
+        except OSError as e:
+            raise _fail(describe_os_error(e, f"--out {out_dir}")) from None
+        raise typer.Exit(_launch(nproc, nnodes=nnodes, node_rank=node_rank,
+                                 endpoint=rdzv_endpoint, run_id=rdzv_id))
+    from .capture_job import CaptureJob, QuietJobError, run_capture_job
+    from .integrations.hf import UnsupportedModelError
+
+    rank = int(os.environ.get("RANK", "0"))
     dev = _resolve_device(device)
     job = CaptureJob(model=model, prompts=items, out_dir=out_dir, max_new_tokens=max_new_tokens,
                      batch_size=batch_size, device=dev, dtype=_resolve_dtype(dtype, dev),
                      seed=seed, sample=sample, temperature=temperature, top_p=top_p,
                      strict=strict, shard_requests=shard_requests, overwrite=overwrite,
-                     dispatch=dispatch.value)
+                     resume=resume, dispatch=dispatch.value)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     progress = Progress(TextColumn("capturing"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("requests"), TimeElapsedColumn(), console=err,
-                        disable=not err.is_terminal or rank != 0)
+                        disable=not err.is_terminal or rank != 0 or len(items) < 2)
     try:
         with progress:
             task = progress.add_task("capture", total=len(items))
             result = run_capture_job(job, advance=lambda n: progress.advance(task, n))
-    except (JobError, UnsupportedModelError, TraceFileError) as e:
+    except QuietJobError:
+        raise typer.Exit(2) from None  # rank 0 reports it
+    except (JobError, UnsupportedModelError) as e:
         raise _fail(str(e)) from None
-    except FileExistsError as e:
-        raise _fail(f"{e}; pass --overwrite or choose another --out") from None
     if result.rank != 0:
+        return
+    if result.already_complete:
+        out.print(f"{out_dir} already holds the finished capture (run {result.run_id}); nothing "
+                  "to resume")
         return
     summary = result.summary
     print_summary(summary, title=f"routecap capture -> {out_dir}")
-    out.print(f"wrote {summary.num_requests} traces in {len(result.shards)} shard(s) and "
-              f"summary.json to {out_dir}")
+    resumed = (f" ({result.resumed_requests} were already written and kept)"
+               if result.resumed_requests else "")
+    out.print(f"wrote {summary.num_requests} traces{resumed} in {len(result.shards)} shard(s), "
+              f"manifest.json and summary.json to {out_dir}", markup=False)
 
 
-def _launch(nproc: int) -> int:
-    """Re-run this command as ``nproc`` local ranks (torchrun's environment); rank 0 prints."""
-    from .launch import launch, main_module_argv
+def _launch(nproc: int, *, nnodes: int, node_rank: int | None, endpoint: str | None,
+            run_id: str | None) -> int:
+    """Re-run this command as ``nproc`` ranks on this node through torch's launcher."""
+    from .launch import LaunchError, Rendezvous, launch, main_module_argv
 
-    results = launch(main_module_argv(sys.argv[1:]), nproc)
-    codes = [r.returncode for r in results]
-    bad = [c for c in codes if c != 0]
-    if bad:
-        err.print(f"[bold red]error:[/] ranks exited with codes {codes}")
-        return bad[0] if bad[0] > 0 else 1
-    return 0
+    try:
+        failed = launch(main_module_argv(sys.argv[1:]), nproc,
+                        rdzv=Rendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=endpoint,
+                                        run_id=run_id))
+    except LaunchError as e:
+        raise _fail(str(e)) from None
+    if not failed:
+        return 0
+    codes = dict(sorted(failed.items()))
+    if any(c != 2 for c in codes.values()):  # 2: a rank already printed its one-line error
+        _fail(f"ranks exited with codes {codes}")
+    if 2 in codes.values():
+        return 2
+    return next((c for c in codes.values() if c > 0), 1)
 
 
 @app.command()
@@ -229,7 +276,8 @@ def show(
     try:
         ts = open_traces(traces)
         if request is None:
-            summary = summarize(ts)
+            summary = summarize(ts)  # reads, and so verifies, every shard
+            status = ts.status(checked=True)
         else:
             trace = ts.get(request)
     except TraceFileError as e:
@@ -239,12 +287,13 @@ def show(
         raise _fail(f"{e.args[0]}; known ids start with {ids[:5]}") from None
     if request is None:
         if as_json:
-            out.print_json(json.dumps(summary.to_dict()))
+            out.print_json(json.dumps({**summary.to_dict(), "capture": status}))
         else:
             print_summary(summary, title=f"routecap traces in {traces}")
             if not ts.complete:
-                err.print("[yellow]note:[/] the writer of these traces did not finish; "
-                          "every finished shard was read")
+                err.print("note: the capture of these traces did not finish (resume it with "
+                          "routecap capture --resume); every finished shard was read",
+                          markup=False)
         return
     _print_request(trace, limit, _token_decoder(trace, tokenizer))
 
@@ -268,10 +317,10 @@ def convert(
 ) -> None:
     """Convert between trace files, routecap wire JSONL, SGLang meta_info and vLLM records."""
     from .codec import CodecError
-    from .convert import ConvertError, RouterShape
+    from .convert import ConvertError, RouterShape, count_records, guess_format
     from .convert import convert as run
-    from .convert import guess_format
     from .files import TraceFileError
+    from .folderlock import FolderLockedError, describe_os_error
 
     try:
         src_fmt = from_.value if from_ is not None else guess_format(src)
@@ -289,13 +338,73 @@ def convert(
                                    f"{moe_layers!r}") from None
             shape = RouterShape(num_layers=num_layers, moe_layers=layers,
                                 num_experts=num_experts, top_k=top_k)
-        n = run(src, dst, src_format=src_fmt, dst_format=to.value, shape=shape,
-                overwrite=overwrite)
-    except (ConvertError, TraceFileError, CodecError, ValueError) as e:
-        raise _fail(str(e)) from None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        total = count_records(src, src_fmt) if err.is_terminal else None
+        progress = Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("traces"), console=err,
+                            disable=not err.is_terminal or not total or total < 2)
+        with progress:
+            task = progress.add_task("convert", total=total)
+            n = run(src, dst, src_format=src_fmt, dst_format=to.value, shape=shape,
+                    overwrite=overwrite, on_trace=lambda: progress.advance(task))
+    except FolderLockedError as e:
+        raise _fail(str(e.strerror)) from None
     except FileExistsError as e:
         raise _fail(f"{e}; pass --overwrite or choose another destination") from None
-    out.print(f"converted {n} traces: {src} ({src_fmt}) -> {dst} ({to.value})")
+    except (ConvertError, TraceFileError, CodecError, ValueError) as e:
+        raise _fail(str(e)) from None
+    except OSError as e:
+        raise _fail(describe_os_error(e, f"writing {dst}")) from None
+    out.print(f"converted {n} traces: {src} ({src_fmt}) -> {dst} ({to.value})", markup=False)
+
+
+class PlacementFormat(str, Enum):
+    sglang = "sglang"
+    vllm = "vllm"
+    routecap = "routecap"
+
+
+@app.command()
+def report(
+    traces: Annotated[Path, typer.Argument(help="A trace folder or file.")],
+    out_path: Annotated[Path, typer.Option("--out", help="The HTML file to write.")]
+    = Path("report.html"),
+    vs: Annotated[Path | None, typer.Option(help="Traces of the same requests to compare with "
+                                                 "(e.g. a training re-capture).")] = None,
+    ep_size: Annotated[int | None, typer.Option(min=1, help="Expert-parallel size G for the "
+                                                "placement section (default: 8, 4 or 2).")] = None,
+    redundant: Annotated[int, typer.Option(min=0, help="Redundant expert slots R.")] = 0,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer folder for token text "
+                                                       "(automatic for built-in models).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out.")] = False,
+) -> None:
+    """Write one self-contained HTML report (expert load, positions, co-activation, placement)."""
+    from .report.commands import report_command
+
+    report_command(traces=traces, out_path=out_path, vs=vs, ep_size=ep_size, redundant=redundant,
+                   tokenizer=tokenizer, overwrite=overwrite, out=out, err=err)
+
+
+@app.command()
+def placement(
+    traces: Annotated[Path, typer.Argument(help="A trace folder or file.")],
+    ep_size: Annotated[int, typer.Option(min=1, help="Expert-parallel size G (GPUs).")],
+    out_path: Annotated[Path, typer.Option("--out", help="The placement file to write.")],
+    redundant: Annotated[int, typer.Option(min=0, help="Redundant expert slots R.")] = 0,
+    fmt: Annotated[PlacementFormat, typer.Option("--format", help="sglang: the file of "
+                                                 "--init-expert-location; vllm: EplbState's maps; "
+                                                 "routecap: the map with loads.")]
+    = PlacementFormat.sglang,
+    num_layers: Annotated[int | None, typer.Option(help="All decoder layers, for --format sglang "
+                                                   "(default: the highest MoE layer + 1).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out.")] = False,
+) -> None:
+    """Plan a balanced expert placement from captured load, write it for an engine and print it."""
+    from .report.commands import placement_command
+
+    placement_command(traces=traces, ep_size=ep_size, redundant=redundant, out_path=out_path,
+                      fmt=fmt.value, num_layers=num_layers, overwrite=overwrite, out=out, err=err)
 
 
 @app.command()
@@ -344,6 +453,30 @@ def doctor() -> None:
     for k, v in rows:
         t.add_row(k, v)
     out.print(t)
+
+
+@app.command()
+def diff(
+    a: Annotated[Path, typer.Argument(help="Trace folder (or file) A: the reference, e.g. inference.")],
+    b: Annotated[Path, typer.Argument(help="Trace folder (or file) B: the same requests, e.g. a "
+                                           "training re-capture.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the agreement as JSON.")] = False,
+    strict: Annotated[bool, typer.Option(help="A request whose tokens differ between A and B is an "
+                                              "error (default: compare up to the first "
+                                              "difference).")] = False,
+) -> None:
+    """Routing agreement of two captures of the same requests, per MoE layer and overall."""
+    from .diff import diff_traces
+    from .files import TraceFileError
+
+    try:
+        g = diff_traces(a, b, diverged="error" if strict else "prefix")
+    except (TraceFileError, ValueError) as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        out.print_json(json.dumps(g.to_dict()))
+    else:
+        out.print(g.table(title=f"routing agreement: {a} vs {b}"))
 
 
 def _token_decoder(trace: Any, tokenizer: str | None) -> Any:

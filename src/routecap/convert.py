@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import codec
-from .files import TraceWriter, open_traces
+from .files import AtomicTextWriter, TraceWriter, open_traces
 from .trace import RoutingTrace
 
 __all__ = ["FORMATS", "ConvertError", "RouterShape", "convert", "read_records", "write_records"]
@@ -75,17 +75,70 @@ def _need(shape: RouterShape | None, fmt: str) -> RouterShape:
     return shape
 
 
-def read_records(path: Path, fmt: str, shape: RouterShape | None = None
-                 ) -> Iterator[RoutingTrace]:
-    """Traces from ``path`` in format ``fmt``."""
+def _int(rec: dict[str, Any], key: str, *, default: int | None = None) -> int:
+    """A non-negative integer field, exactly (3.7 is not 3, 1e30 is not a position)."""
+    v = rec.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 62:
+        raise ConvertError(f"field {key!r}: expected a non-negative integer, got {v!r}")
+    return v
+
+
+def _request_id(rec: dict[str, Any], key: str, default: str) -> str:
+    if key not in rec:
+        return default
+    v = rec[key]
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise ConvertError(f"field {key!r}: expected a string (or integer) request id, got {v!r}")
+    return str(v)
+
+
+def _check_shape(t: RoutingTrace, s: RouterShape) -> RoutingTrace:
+    if t.top_k != s.top_k:
+        raise ConvertError(f"the record has K={t.top_k} experts per token, the router shape "
+                           f"says top-k {s.top_k}")
+    return t
+
+
+def _record_trace(rec: dict[str, Any], n: int, fmt: str, shape: RouterShape | None
+                  ) -> RoutingTrace:
     from .integrations.sglang import from_sglang
     from .integrations.vllm import from_vllm_b64npy
 
+    if fmt == "wire":
+        data = rec["routecap"]
+        if not isinstance(data, str):
+            raise ConvertError(f"field 'routecap': expected a base64 string, got "
+                               f"{type(data).__name__}")
+        return codec.decode(base64.b64decode(data, validate=True))
+    s = _need(shape, fmt)
+    if fmt == "sglang":
+        P = _int(rec, "prompt_tokens")
+        start = _int(rec, "routed_experts_start_len", default=0)
+        done = rec.get("completion_tokens", 0)  # only checked against the rows by from_sglang
+        if isinstance(done, bool) or not isinstance(done, int):
+            raise ConvertError(f"field 'completion_tokens': expected an integer, got {done!r}")
+        t = from_sglang(rec, num_layers=s.num_layers, top_k=s.top_k, moe_layers=s.moe_layers,
+                        num_experts=s.num_experts, model=s.model, prompt_len=P, start=start,
+                        request_id=_request_id(rec, "id", str(n - 1)))
+        return _check_shape(t, s)
+    t = from_vllm_b64npy(rec["routed_experts"], moe_layers=s.moe_layers, num_experts=s.num_experts,
+                         request_id=_request_id(rec, "request_id", str(n - 1)),
+                         prompt_len=_int(rec, "prompt_len"), start=_int(rec, "start", default=0),
+                         model=s.model)
+    return _check_shape(t, s)
+
+
+def read_records(path: Path, fmt: str, shape: RouterShape | None = None
+                 ) -> Iterator[RoutingTrace]:
+    """Traces from ``path`` in format ``fmt``."""
+    if fmt not in FORMATS:
+        raise ConvertError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if fmt == "trace":
         yield from open_traces(path)
         return
     if not path.is_file():
         raise ConvertError(f"{path}: no such file")
+    n_records = 0
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -98,27 +151,16 @@ def read_records(path: Path, fmt: str, shape: RouterShape | None = None
             if not isinstance(rec, dict):
                 raise ConvertError(f"{where}: expected a JSON object")
             try:
-                if fmt == "wire":
-                    yield codec.decode(base64.b64decode(rec["routecap"], validate=True))
-                elif fmt == "sglang":
-                    s = _need(shape, fmt)
-                    yield from_sglang(rec, num_layers=s.num_layers, top_k=s.top_k,
-                                      moe_layers=s.moe_layers, num_experts=s.num_experts,
-                                      model=s.model)
-                elif fmt == "vllm":
-                    s = _need(shape, fmt)
-                    yield from_vllm_b64npy(rec["routed_experts"], moe_layers=s.moe_layers,
-                                           num_experts=s.num_experts,
-                                           request_id=str(rec.get("request_id", n - 1)),
-                                           prompt_len=int(rec["prompt_len"]),
-                                           start=int(rec.get("start", 0)), model=s.model)
-                else:
-                    raise ConvertError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-            except ConvertError:
-                raise
-            except (KeyError, TypeError, ValueError) as e:
+                t = _record_trace(rec, n, fmt, shape)
+            except ConvertError as e:
+                raise ConvertError(f"{where}: {e}") from None
+            except (KeyError, TypeError, ValueError, IndexError) as e:
                 raise ConvertError(f"{where}: cannot read a {fmt} record "
                                    f"({type(e).__name__}: {e})") from None
+            n_records += 1
+            yield t
+    if not n_records:
+        raise ConvertError(f"{path}: holds no {fmt} record")
 
 
 def _record(t: RoutingTrace, fmt: str, shape: RouterShape | None) -> dict[str, Any]:
@@ -139,36 +181,66 @@ def _record(t: RoutingTrace, fmt: str, shape: RouterShape | None) -> dict[str, A
     raise ConvertError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
-def write_records(traces: Sequence[RoutingTrace] | Iterator[RoutingTrace], path: Path, fmt: str,
-                  shape: RouterShape | None = None, *, overwrite: bool = False) -> int:
-    """Write traces in format ``fmt``; returns how many."""
+def write_records(traces: Iterable[RoutingTrace], path: Path, fmt: str,
+                  shape: RouterShape | None = None, *, overwrite: bool = False,
+                  on_trace: Callable[[], None] | None = None) -> int:
+    """Write traces in format ``fmt``, all or nothing: a trace folder is committed, a JSONL file
+    renamed into place, only once every trace is written; an error leaves ``path`` as it was.
+    Returns how many."""
+    n = 0
     if fmt == "trace":
-        n = 0
-        with TraceWriter(path, overwrite=overwrite) as w:
+        with TraceWriter(path, overwrite=overwrite, keep_on_error=False) as w:
             for t in traces:
                 w.append(t)
                 n += 1
+                if on_trace is not None:
+                    on_trace()
         return n
+    if fmt not in FORMATS:
+        raise ConvertError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if path.is_dir():
+        raise ConvertError(f"{path}: is a folder; {fmt} output is one JSONL file")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists")
-    tmp = path.with_name(f".{path.name}.tmp")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with AtomicTextWriter(path) as f:
         for t in traces:
             f.write(json.dumps(_record(t, fmt, shape), separators=(",", ":")) + "\n")
             n += 1
-    tmp.replace(path)
+            if on_trace is not None:
+                on_trace()
+        f.commit()
     return n
 
 
+def _same_or_nested(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def convert(src: Path, dst: Path, *, src_format: str, dst_format: str,
-            shape: RouterShape | None = None, overwrite: bool = False) -> int:
-    """Convert every trace of ``src`` to ``dst``; returns how many."""
+            shape: RouterShape | None = None, overwrite: bool = False,
+            on_trace: Callable[[], None] | None = None) -> int:
+    """Convert every trace of ``src`` to ``dst``; returns how many. ``dst`` is written all or
+    nothing (see :func:`write_records`); it may not be ``src`` or inside it (or hold it)."""
     for f in (src_format, dst_format):
         if f not in FORMATS:
             raise ConvertError(f"unknown format {f!r}; expected one of {FORMATS}")
+    if _same_or_nested(Path(src), Path(dst)):
+        raise ConvertError(f"the destination {dst} is the source {src} or inside it (or holds "
+                           "it): convert reads while it writes; choose another destination")
     return write_records(read_records(src, src_format, shape), dst, dst_format, shape,
-                         overwrite=overwrite)
+                         overwrite=overwrite, on_trace=on_trace)
+
+
+def count_records(path: Path, fmt: str) -> int | None:
+    """How many traces ``path`` holds (for a progress bar); None when it cannot tell cheaply."""
+    try:
+        if fmt == "trace":
+            return len(open_traces(path, verify=False))
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    except (OSError, ValueError):
+        return None
 
 
 def guess_format(path: Path) -> str:
@@ -179,6 +251,8 @@ def guess_format(path: Path) -> str:
         with open(path, encoding="utf-8") as f:
             first = next((ln for ln in f if ln.strip()), "")
         rec = json.loads(first)
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: no such file or folder") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         raise ConvertError(f"{path}: cannot tell its format; give --from") from None
     if isinstance(rec, dict) and "routecap" in rec:

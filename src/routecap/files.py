@@ -1,29 +1,28 @@
-"""Trace files: ``save_file`` / ``load_file`` for a list of traces, and a sharded streaming writer.
+"""Trace files: ``save_file`` / ``load_file`` for a list of traces (one model per file).
 
 A trace file is a `safetensors <https://github.com/huggingface/safetensors>`_ file, readable by any
 safetensors reader, holding the traces of one model (same E, K, ``moe_layers``, dtype, top-k
 order): every request's rows concatenated into one ``expert_ids`` tensor ``[N, L, K]``, optional
 per-request ``missing.{i}`` masks ``[T_i, L]`` (only for requests that have missing routes), optional
 ``token_ids`` ``[N']`` for the requests that carry tokens, and a JSON header in the safetensors
-metadata (``routecap`` key) with the shared fields, one record per request and a CRC-32 of every
-tensor. docs/trace-format.md is the normative description.
+metadata (``routecap`` key) with the shared fields, one record per request, a CRC-32 of every
+tensor and (file format 2) a CRC-32 of the header itself. docs/trace-format.md is the normative
+description. Folders of shards (manifest, lock, atomic commit, resume) live in
+:mod:`routecap.tracefolder`; ``TraceWriter`` and ``open_traces`` are re-exported here.
 
 Reads are memory-mapped: the arrays of a loaded trace are read-only views of the file, not copies.
 Writes go to a temporary file in the same folder, are flushed to disk and then renamed, so a reader
-never sees half a file. A trace folder holds shards ``{prefix}-{n:05d}.safetensors`` and an index
-``{prefix}.index.json`` rewritten (atomically) after every shard: a writer killed mid-way leaves
-every finished shard listed and readable, and a shard finished after the last index update is
-found by its name and read too.
+never sees half a file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import re
-import tempfile
+import secrets
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from .trace import FORMAT_VERSION, RoutingTrace, TraceValidationError, id_dtype_
 
 __all__ = [
     "FILE_FORMAT",
-    "INDEX_FORMAT",
+    "FILE_FORMAT_VERSION",
     "TraceFileError",
     "TraceSet",
     "TraceWriter",
@@ -45,9 +44,11 @@ __all__ = [
 ]
 
 FILE_FORMAT = "routecap.trace"
-INDEX_FORMAT = "routecap.trace-index"
+# 1: the first layout; 2: the same plus ``header_crc32`` (a CRC-32 of the routecap header).
+# Both are read; version 2 is written.
+FILE_FORMAT_VERSION = 2
+_READABLE_VERSIONS = ("1", "2")
 SHARD_SUFFIX = ".safetensors"
-INDEX_SUFFIX = ".index.json"
 _MAX_HEADER = 100 * 1024 * 1024
 _ST_DTYPES = {"U8": np.uint8, "U16": np.uint16, "I32": np.int32, "BOOL": np.bool_}
 _SHARED = ("model", "num_experts", "top_k", "moe_layers", "dtype", "topk_order")
@@ -80,13 +81,16 @@ def _check_same(shared: dict[str, Any], trace: RoutingTrace, where: str) -> None
             )
 
 
+def _bytes_of(a: np.ndarray) -> memoryview:
+    """The bytes of ``a`` without a copy (also for zero-size arrays, which
+    ``memoryview.cast`` refuses)."""
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
 def _crc(a: np.ndarray) -> int:
-    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B")) & 0xFFFFFFFF
+    return zlib.crc32(_bytes_of(a)) & 0xFFFFFFFF
 
 
-_umask = os.umask(0o022)
-os.umask(_umask)
-_FILE_MODE = 0o666 & ~_umask
 _NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
@@ -108,7 +112,7 @@ def _serialize(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> list
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     chunks: list[bytes | memoryview] = [len(raw).to_bytes(8, "little"), raw]
-    chunks += [memoryview(np.ascontiguousarray(tensors[n])).cast("B") for n in order]
+    chunks += [_bytes_of(tensors[n]) for n in order]
     return chunks
 
 
@@ -149,40 +153,118 @@ def _encode(traces: Sequence[RoutingTrace]) -> list[bytes | memoryview]:
         tensors["token_ids"] = np.ascontiguousarray(np.concatenate(tokens).astype(np.int32))
     header = {**shared, "requests": records,
               "crc32": {name: _crc(a) for name, a in sorted(tensors.items())}}
-    meta = {"format": FILE_FORMAT, "format_version": str(FORMAT_VERSION),
+    header["header_crc32"] = _header_crc(header)
+    meta = {"format": FILE_FORMAT, "format_version": str(FILE_FORMAT_VERSION),
             "routecap": json.dumps(header, separators=(",", ":"), sort_keys=True)}
     return _serialize(tensors, meta)
 
 
-def _atomic_write(path: Path, data: str | list[bytes | memoryview]) -> int:
-    """Write to a temporary file in the same folder, fsync, rename. Returns the bytes written."""
+def _header_crc(header: dict[str, Any]) -> int:
+    """CRC-32 of the routecap header without its ``header_crc32`` key, in canonical JSON."""
+    body = {k: v for k, v in header.items() if k != "header_crc32"}
+    return zlib.crc32(json.dumps(body, separators=(",", ":"), sort_keys=True).encode()) & 0xFFFFFFFF
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def _open_temp(path: Path) -> tuple[int, Path]:
+    """A new file ``.{name}.{random}.tmp`` beside ``path``, mode 0666 less the umask.
+
+    NOTE: ``os.open`` lets the kernel apply the umask; ``tempfile.mkstemp`` makes 0600 files and
+    reading the umask needs ``os.umask``, which sets it too (process-global, racy with threads).
+    """
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make renames and unlinks in ``folder`` durable (best effort: some file systems refuse)."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+@dataclass(frozen=True)
+class Written:
+    size: int
+    sha256: str
+
+
+def _atomic_write(path: Path, data: str | bytes | Sequence[bytes | memoryview]) -> Written:
+    """Write to a temporary file in the same folder, fsync, rename; nothing is left behind on an
+    error. Returns the size and SHA-256 of what was written (hashed on the way, not re-read)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _open_temp(path)
     size = 0
+    digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in [data.encode()] if isinstance(data, str) else data:
+            if isinstance(data, str):
+                data = [data.encode()]
+            elif isinstance(data, bytes):
+                data = [data]
+            for chunk in data:
                 f.write(chunk)
+                digest.update(chunk)
                 size += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
+    fsync_folder(path.parent)
+    return Written(size=size, sha256=digest.hexdigest())
+
+
+class AtomicTextWriter:
+    """A text file written line by line to a temporary file and renamed over ``path`` by
+    ``commit()``; ``abort()`` (or leaving the ``with`` block on an exception) removes it."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        fd, self.tmp = _open_temp(self.path)
+        self._f = os.fdopen(fd, "w", encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        self._f.write(text)
+
+    def commit(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        fsync_folder(self.path.parent)
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return size
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+    def __enter__(self) -> AtomicTextWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is not None or not self._f.closed:
+            self.abort()
 
 
 def save_file(traces: Sequence[RoutingTrace], path: str | os.PathLike) -> None:
@@ -242,18 +324,22 @@ def read_header(path: str | os.PathLike) -> _Header:
         raise _fail(path, f"not a routecap trace file (expected metadata format={FILE_FORMAT!r}, "
                     f"got {got!r})")
     version = meta.get("format_version")
-    if version != str(FORMAT_VERSION):
-        if isinstance(version, str) and version.isdigit() and int(version) > FORMAT_VERSION:
+    if version not in _READABLE_VERSIONS:
+        if isinstance(version, str) and version.isdigit() and int(version) > FILE_FORMAT_VERSION:
             raise _fail(path, f"format version {version} is newer than this routecap reads "
-                        f"({FORMAT_VERSION}); upgrade routecap")
+                        f"({FILE_FORMAT_VERSION}); upgrade routecap")
         raise _fail(path, f"unsupported format version {version!r} (this routecap reads "
-                    f"{FORMAT_VERSION})")
+                    f"{', '.join(_READABLE_VERSIONS)})")
     try:
         rc = json.loads(meta["routecap"])
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise _fail(path, f"corrupt routecap header ({type(e).__name__}: {e})") from None
     if not isinstance(rc, dict):
         raise _fail(path, "corrupt routecap header (expected a JSON object)")
+    if "header_crc32" in rc or version != "1":  # version 1 files have no header checksum
+        if rc.get("header_crc32") != _header_crc(rc):
+            raise _fail(path, "corrupt routecap header: its checksum (header_crc32) does not "
+                        "match")
     data_len = size - 8 - n
     spans = []
     for name, info in header.items():
@@ -309,10 +395,19 @@ def load_file(path: str | os.PathLike, *, verify: bool = True) -> list[RoutingTr
     without it only the structure is checked and data is read lazily.
     """
     path = Path(path)
-    h = read_header(path)
+    return load_parsed(path, read_header(path), check_crc=verify, validate=verify)
+
+
+def load_parsed(path: Path, h: _Header, *, check_crc: bool, validate: bool) -> list[RoutingTrace]:
+    """The traces of a file whose header ``h`` was read by :func:`read_header`.
+
+    ``check_crc`` reads all the data once to check each tensor's CRC-32; ``validate`` checks every
+    trace against the contract. A reader that has verified the whole file's bytes against a
+    manifest hash (as trace folders do) needs neither.
+    """
     rc = h.routecap
     arrays = _open_arrays(path, h)
-    if verify:
+    if check_crc:
         crcs = _get(rc, "crc32", dict, path)
         for name, a in arrays.items():
             if crcs.get(name) != _crc(a):
@@ -356,7 +451,7 @@ def load_file(path: str | os.PathLike, *, verify: bool = True) -> list[RoutingTr
                 expert_ids=ids[row:row + T], missing=miss, token_ids=tok, num_experts=E,
                 moe_layers=layers, request_id=r["request_id"], prompt_len=r["prompt_len"],
                 start=r["start"], model=model, topk_order=order, extra=r.get("extra", {}),
-            ) if verify else _unchecked_trace(
+            ) if validate else _unchecked_trace(
                 expert_ids=ids[row:row + T], missing=miss, token_ids=tok, num_experts=E,
                 moe_layers=layers, request_id=r["request_id"], prompt_len=r["prompt_len"],
                 start=r["start"], model=model, topk_order=order, extra=r.get("extra", {}))
@@ -380,216 +475,6 @@ def _unchecked_trace(**fields: Any) -> RoutingTrace:
     return t
 
 
-# ---- sharded folders --------------------------------------------------------------------------
-_SHARD_RE = re.compile(r"^(?P<prefix>[A-Za-z0-9_.-]+?)-(?P<num>\d{5,})\.safetensors$")
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-class TraceWriter:
-    """Append traces to a folder of shards: one shard per ``max_requests`` or ``max_bytes``.
-
-    Every finished shard is on disk and listed in ``{prefix}.index.json`` before ``append`` returns;
-    a writer killed mid-way loses only the traces not yet in a shard. Use ``prefix`` to let several
-    writers (e.g. data-parallel ranks) share one folder.
-
-    Example:
-        >>> import numpy as np, tempfile
-        >>> d = tempfile.mkdtemp()
-        >>> with TraceWriter(d, max_requests=2) as w:
-        ...     for i in range(5):
-        ...         w.append(RoutingTrace.from_ids(np.zeros((2, 1, 1), int), num_experts=4,
-        ...                  moe_layers=[0], request_id=str(i), prompt_len=2))
-        >>> len(open_traces(d)), len(w.shards)
-        (5, 3)
-    """
-
-    def __init__(self, folder: str | os.PathLike, *, prefix: str = "traces",
-                 max_requests: int = 1024, max_bytes: int = 256 << 20,
-                 overwrite: bool = False) -> None:
-        if not _PREFIX_RE.match(prefix):
-            raise ValueError(f"TraceWriter: prefix must match {_PREFIX_RE.pattern}, got {prefix!r}")
-        if max_requests < 1 or max_bytes < 1:
-            raise ValueError(f"TraceWriter: expected max_requests >= 1 and max_bytes >= 1, got "
-                             f"{max_requests}, {max_bytes}")
-        self.folder = Path(folder)
-        self.prefix = prefix
-        self.max_requests = max_requests
-        self.max_bytes = max_bytes
-        self.folder.mkdir(parents=True, exist_ok=True)
-        existing = self._existing()
-        if existing:
-            if not overwrite:
-                raise FileExistsError(
-                    f"{self.folder} already holds traces with prefix {prefix!r} "
-                    f"({existing[0].name}, ...); choose another folder or prefix, or overwrite"
-                )
-            for p in existing:
-                p.unlink()
-        self.shards: list[dict[str, Any]] = []
-        self._buffer: list[RoutingTrace] = []
-        self._buffer_bytes = 0
-        self._shared: dict[str, Any] | None = None
-        self._ids: set[str] = set()
-        self.closed = False
-
-    def _existing(self) -> list[Path]:
-        out = [self.folder / f"{self.prefix}{INDEX_SUFFIX}"]
-        out = [p for p in out if p.exists()]
-        for p in sorted(self.folder.glob(f"{self.prefix}-*{SHARD_SUFFIX}")):
-            m = _SHARD_RE.match(p.name)
-            if m and m["prefix"] == self.prefix:
-                out.append(p)
-        return out
-
-    def __enter__(self) -> TraceWriter:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        # finished traces in the buffer are valid: write them even if the block raised, but only
-        # a clean exit marks the index complete
-        self.close(complete=exc[0] is None)
-
-    def append(self, trace: RoutingTrace) -> None:
-        if self.closed:
-            raise ValueError("TraceWriter: append() after close()")
-        if not isinstance(trace, RoutingTrace):
-            raise TypeError(f"TraceWriter.append: expected a RoutingTrace, got {type(trace).__name__}")
-        if self._shared is None:
-            self._shared = _shared_fields(trace)
-        else:
-            _check_same(self._shared, trace, f"{self.folder}/{self.prefix}")
-        if trace.request_id in self._ids:
-            raise TraceValidationError("request_id", "unique request ids within a writer",
-                                       f"{trace.request_id!r} twice")
-        self._ids.add(trace.request_id)
-        self._buffer.append(trace)
-        self._buffer_bytes += trace.nbytes
-        if len(self._buffer) >= self.max_requests or self._buffer_bytes >= self.max_bytes:
-            self.flush()
-
-    def extend(self, traces: Iterable[RoutingTrace]) -> None:
-        for t in traces:
-            self.append(t)
-
-    def flush(self) -> None:
-        """Write the buffered traces as one shard (if any) and update the index."""
-        if not self._buffer:
-            return
-        name = f"{self.prefix}-{len(self.shards):05d}{SHARD_SUFFIX}"
-        size = _atomic_write(self.folder / name, _encode(self._buffer))
-        self.shards.append({
-            "file": name,
-            "num_requests": len(self._buffer),
-            "num_tokens": sum(t.num_tokens for t in self._buffer),
-            "bytes": size,
-            "request_ids": [t.request_id for t in self._buffer],
-        })
-        self._buffer = []
-        self._buffer_bytes = 0
-        self._write_index(complete=False)
-
-    def _write_index(self, *, complete: bool) -> None:
-        index = {
-            "format": INDEX_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "prefix": self.prefix,
-            **(self._shared or {}),
-            "complete": complete,
-            "num_requests": sum(s["num_requests"] for s in self.shards),
-            "num_tokens": sum(s["num_tokens"] for s in self.shards),
-            "shards": self.shards,
-        }
-        _atomic_write(self.folder / f"{self.prefix}{INDEX_SUFFIX}", json.dumps(index, indent=1))
-
-    def close(self, *, complete: bool = True) -> None:
-        if self.closed:
-            return
-        self.flush()
-        self.closed = True
-        if self.shards:
-            self._write_index(complete=complete)
-
-
-class TraceSet:
-    """The traces of a folder (every prefix's shards) or of one file, read lazily shard by shard."""
-
-    def __init__(self, shards: list[Path], *, verify: bool = True, complete: bool = True) -> None:
-        self.shards = shards
-        self.verify = verify
-        self.complete = complete  # False if a writer did not finish (or no index was found)
-        self._headers = [read_header(p) for p in shards]
-        shared = None
-        for p, h in zip(shards, self._headers):
-            mine = {k: h.routecap.get(k) for k in _SHARED}
-            if shared is None:
-                shared = mine
-            elif mine != shared:
-                diff = [k for k in _SHARED if mine[k] != shared[k]]
-                raise TraceFileError(f"{p}: holds traces of another model than {shards[0]} "
-                                     f"(differs in {diff})")
-        self.shared: dict[str, Any] = shared or {}
-
-    def __len__(self) -> int:
-        return sum(len(h.routecap.get("requests", [])) for h in self._headers)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(int(r.get("num_tokens", 0)) for h in self._headers
-                   for r in h.routecap.get("requests", []))
-
-    def request_ids(self) -> list[str]:
-        return [r["request_id"] for h in self._headers for r in h.routecap.get("requests", [])]
-
-    def __iter__(self) -> Iterator[RoutingTrace]:
-        for p in self.shards:
-            yield from load_file(p, verify=self.verify)
-
-    def get(self, request_id: str) -> RoutingTrace:
-        """The trace of one request (reads only the shard that holds it)."""
-        for p, h in zip(self.shards, self._headers):
-            if any(r.get("request_id") == request_id for r in h.routecap.get("requests", [])):
-                for t in load_file(p, verify=self.verify):
-                    if t.request_id == request_id:
-                        return t
-        raise KeyError(f"request {request_id!r} is not in these traces ({len(self)} requests)")
-
-
-def open_traces(path: str | os.PathLike, *, verify: bool = True) -> TraceSet:
-    """Open a trace file or a folder of shards (every index in it, plus shards no index lists)."""
-    path = Path(path)
-    if not path.exists():
-        raise TraceFileError(f"{path}: no such file or folder")
-    if path.is_file():
-        return TraceSet([path], verify=verify)
-    shards: list[Path] = []
-    listed: set[str] = set()
-    complete = True
-    indexes = sorted(path.glob(f"*{INDEX_SUFFIX}"))
-    for ip in indexes:
-        try:
-            index = json.loads(ip.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TraceFileError(f"{ip}: corrupt index ({e}); delete it to read the shards "
-                                 "by their names") from None
-        if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-            raise TraceFileError(f"{ip}: not a routecap trace index (expected format "
-                                 f"{INDEX_FORMAT!r})")
-        if index.get("format_version") != FORMAT_VERSION:
-            raise TraceFileError(f"{ip}: unsupported index format version "
-                                 f"{index.get('format_version')!r} (this routecap reads "
-                                 f"{FORMAT_VERSION})")
-        complete &= bool(index.get("complete"))
-        for s in index.get("shards", []):
-            f = path / str(s.get("file"))
-            if not f.exists():
-                raise TraceFileError(f"{ip}: lists shard {f.name}, which is missing")
-            shards.append(f)
-            listed.add(f.name)
-    for p in sorted(path.glob(f"*{SHARD_SUFFIX}")):
-        if p.name not in listed and _SHARD_RE.match(p.name):
-            shards.append(p)  # finished after the last index update (writer killed) or no index
-            complete = False
-    if not shards:
-        raise TraceFileError(f"{path}: no trace shards (*{SHARD_SUFFIX}) in this folder")
-    return TraceSet(shards, verify=verify, complete=complete and bool(indexes))
-
+# the folder API (manifest, lock, atomic commit, resume): defined in tracefolder, which imports the
+# file format above
+from .tracefolder import TraceSet, TraceWriter, open_traces  # noqa: E402

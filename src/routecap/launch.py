@@ -1,71 +1,93 @@
-"""Launch N local processes the way torchrun does (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*).
+"""Start the ranks of ``routecap capture --nproc N`` through torch's own launcher.
 
-Used by ``routecap capture --nproc N`` and by the multi-process tests. If one rank fails, the
-others are stopped (they would otherwise wait forever in a collective).
+This is ``torchrun`` as a function (:func:`torch.distributed.launcher.api.elastic_launch`): the
+rendezvous binds its own port (no free-port guess released before the ranks bind it), a failed
+rank stops the others, and ``nnodes`` > 1 spans machines through a rendezvous endpoint, exactly
+as ``torchrun --nnodes N --rdzv-endpoint HOST:PORT --rdzv-id ID`` would.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-__all__ = ["free_port", "launch"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["LaunchError", "Rendezvous", "launch", "main_module_argv"]
 
 
-def launch(argv: Sequence[str], nproc: int, *, env: dict[str, str] | None = None,
-           timeout: float | None = None, capture: bool = False
-           ) -> list[subprocess.CompletedProcess]:
-    """Run ``argv`` as ranks 0..nproc-1 and wait. Returns one CompletedProcess per rank.
+class LaunchError(ValueError):
+    """The launch options are inconsistent; the message says which and why."""
 
-    ``capture`` collects each rank's stdout+stderr (else they go to this process's streams).
+
+@dataclass(frozen=True, kw_only=True)
+class Rendezvous:
+    """How the nodes of a job find each other (one node: a local store on a free port)."""
+
+    nnodes: int = 1
+    node_rank: int | None = None  # with a fixed rank per node: torchrun's static rendezvous
+    endpoint: str | None = None  # HOST:PORT of the rendezvous store (node 0's for static)
+    run_id: str | None = None  # the same on every node
+
+    def check(self) -> None:
+        if self.nnodes < 1:
+            raise LaunchError(f"--nnodes: expected at least 1, got {self.nnodes}")
+        if self.nnodes > 1 and not self.endpoint:
+            raise LaunchError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every "
+                              "node) so that the nodes can find each other")
+        if self.nnodes > 1 and not self.run_id:
+            raise LaunchError("--nnodes > 1 needs --rdzv-id ID, the same on every node, so that "
+                              "two jobs sharing an endpoint cannot join each other")
+        if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
+            raise LaunchError(f"--node-rank: expected 0 <= rank < {self.nnodes}, got "
+                              f"{self.node_rank}")
+        if self.endpoint is not None:
+            host, _, port = self.endpoint.rpartition(":")
+            if not host or not port.isdigit():
+                raise LaunchError(f"--rdzv-endpoint: expected HOST:PORT, got {self.endpoint!r}")
+
+
+def launch(argv: Sequence[str], nproc: int, *, rdzv: Rendezvous | None = None,
+           env: dict[str, str] | None = None) -> dict[int, int]:
+    """Run the program ``argv`` (``argv[0]`` an executable) as ``nproc`` ranks on this node and
+    wait. Returns ``{global rank: exit code}`` of the ranks of this node (0 where it succeeded).
     """
-    port = str(free_port())
-    procs = []
-    for rank in range(nproc):
-        e = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                 LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                 PYTHONUNBUFFERED="1", **(env or {}))
-        e.setdefault("OMP_NUM_THREADS", "1")
-        out = subprocess.PIPE if capture else None
-        procs.append(subprocess.Popen(list(argv), env=e, stdout=out,
-                                      stderr=subprocess.STDOUT if capture else None, text=True))
-    deadline = None if timeout is None else time.monotonic() + timeout
-    outputs: list[str] = [""] * nproc
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    rdzv = rdzv or Rendezvous()
+    rdzv.check()
+    if nproc < 1:
+        raise LaunchError(f"--nproc: expected at least 1, got {nproc}")
+    if rdzv.node_rank is not None:  # torchrun --node-rank R --master-addr H --master-port P
+        host, _, port = (rdzv.endpoint or "127.0.0.1:29500").rpartition(":")
+        backend, endpoint = "static", f"{host}:{port}"
+        configs = {"rank": rdzv.node_rank}
+    elif rdzv.nnodes == 1 and rdzv.endpoint is None:  # torchrun --standalone
+        backend, endpoint, configs = "c10d", "localhost:0", {}
+    else:
+        backend, endpoint, configs = "c10d", rdzv.endpoint or "", {}
+    import uuid
+
+    config = LaunchConfig(
+        min_nodes=rdzv.nnodes, max_nodes=rdzv.nnodes, nproc_per_node=nproc,
+        run_id=rdzv.run_id or uuid.uuid4().hex, rdzv_backend=backend, rdzv_endpoint=endpoint,
+        rdzv_configs=configs, max_restarts=0, monitor_interval=0.1, start_method="spawn",
+    )
+    # as torchrun: one OpenMP thread per rank unless told otherwise (ranks share the cores)
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    if nproc > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        pending = set(range(nproc))
-        while pending:
-            for r in sorted(pending):
-                p = procs[r]
-                try:
-                    out, _ = p.communicate(timeout=0.2)
-                except subprocess.TimeoutExpired:
-                    continue
-                outputs[r] = out or ""
-                pending.discard(r)
-                if p.returncode != 0:  # a failed rank: the others would hang in a collective
-                    for q in procs:
-                        if q.poll() is None:
-                            q.send_signal(signal.SIGTERM)
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(list(argv), timeout)
+        elastic_launch(config, argv[0])(*argv[1:])
+    except ChildFailedError as e:
+        return {rank: int(f.exitcode) for rank, f in e.failures.items()}
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return [subprocess.CompletedProcess(p.args, p.returncode, outputs[r], "")
-            for r, p in enumerate(procs)]
+        os.environ.clear()
+        os.environ.update(saved)
+    return {}
 
 
 def main_module_argv(args: Sequence[str]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Serving-grade host route store: a block pool like a KV cache, per-request block tables.
+"""Serving-grade host route store: request block tables over a :class:`~routecap.block_pool.BlockPool`.
 
 Shape legend: T tokens, L MoE layers, K top-k, N rows of one step, P block size (tokens per block).
 
@@ -6,9 +6,10 @@ A serving engine does not run one request per forward: rows of many requests sha
 prompts arrive in chunks, cached prefixes skip the forward, requests are preempted and recomputed,
 speculative tokens are computed and rejected. The store mirrors the engine's KV cache:
 
-* Routes live in a preallocated pool of blocks ``[num_blocks, P, L, K]`` (plus a validity mask
-  ``[num_blocks, P, L]``) sized by a byte budget: the store never holds more than ``budget_bytes``.
-* Each request has a block table: block j holds positions ``[j*P, (j+1)*P)``. Partial blocks are
+* Routes live in a preallocated pool of blocks ``[num_blocks, P, L, K]`` (plus a validity mask)
+  sized by a byte budget that covers the pool *and* the per-request block tables: the store never
+  holds more than ``budget_bytes`` (:attr:`RouteStore.nbytes`).
+* Each request has a block table: entry j holds positions ``[j*P, (j+1)*P)``. Partial blocks are
   the request's own; a full block is *published* under the content hash the engine gives it, so a
   later request whose prefix hits the engine's cache gets those routes without a forward
   (:meth:`RouteStore.add_request` with ``num_cached_tokens``).
@@ -18,29 +19,62 @@ speculative tokens are computed and rejected. The store mirrors the engine's KV 
   before blocks in use. Routes of an evicted block come back *missing*, never wrong: every table
   entry carries the block's generation, and a reused block has a new one.
 
-Positions only move forward: :meth:`write` continues at the request's length; rejected
+Block hashes must be *chained content hashes*: the hash of block j covers the tokens of blocks
+0..j (as vLLM's and SGLang's prefix-cache hashes do), so equal hashes mean equal prefixes and
+therefore equal routes. The store shares blocks on the hash alone and cannot check a hash
+against tokens it never sees; what it can detect, it does: a hash published twice with rows that
+disagree is counted in :attr:`RouteStore.hash_conflicts` (each request then keeps its own rows),
+or raises with ``strict_hashes=True``.
+
+The ordering contract of one engine step (what vLLM v1 does): (1) :meth:`add_request` /
+:meth:`restart` for the requests scheduled in this step, with the hashes of their prefix-cache
+hits; (2) :meth:`ingest` of the step's rows; (3) :meth:`publish` of the full blocks. An engine
+marks a block cached as soon as it is *scheduled*, so a request admitted in the same step (a
+group of ``n > 1`` samples of one prompt, duplicate prompts) can hit blocks whose rows arrive only
+in that step's ingest, or in a later step's (chunked prefill). Such an entry *waits* on its hash
+(coverage :data:`PENDING`) and is linked when the hash is published, whoever publishes it.
+
+Positions move forward: :meth:`write`/:meth:`ingest` continue at the request's length; rejected
 speculative rows are dropped with :meth:`truncate`, a preempted and rescheduled request starts
-again with :meth:`restart`. Every call checks all of its arguments before changing anything, so a
-bad call leaves every request (its own included) as it was.
+again with :meth:`restart`. With ``seek=True`` a write may start anywhere: before the length (the
+request's later positions are dropped first, as when a KV cache was cropped) or after it (the
+positions in between read as missing, never written). Every call checks all of its arguments,
+and that the budget can hold what it needs, before changing anything: a refused call leaves every
+request as it was. Every refusal is a :class:`StoreError`.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .block_pool import BlockPool
+from .store_rows import (
+    SEG_APPEND,
+    SEG_FAST,
+    SEG_SLOW,
+    classify_segments,
+    fast_runs,
+    first_bad_cell,
+    scatter_runs,
+)
 from .trace import RoutingTrace, id_dtype_for
 
-__all__ = ["PRESENT", "EVICTED", "NOT_WRITTEN", "RouteStore", "StoreError"]
+__all__ = ["PRESENT", "EVICTED", "NOT_WRITTEN", "PENDING", "RouteStore", "StoreError"]
 
 #: :meth:`RouteStore.coverage` codes, per position.
-PRESENT, EVICTED, NOT_WRITTEN = 0, 1, 2
-_LOST = (-1, -1)  # a table entry whose block the engine had but the store had evicted
-_BOOKKEEPING_BYTES = 128
+PRESENT, EVICTED, NOT_WRITTEN, PENDING = 0, 1, 2, 3
+# table entries that name no block
+_LOST = -1  # the engine had the block, the store had evicted it (or the block was evicted later)
+_GAP = -2  # never written (a seek past the end)
+_WAIT = -3  # a prefix-cache hit on a hash not published yet
+_BLOCK_BOOKKEEPING = 128  # per block beyond ids/mask/lost: generation, refs, clock, flags, hash index
+_REQUEST_BYTES = 512  # per request: its record, dict entry and array headers (an upper bound)
+_ENTRY_BYTES = 16  # per block-table slot: block (int64) and generation (int64)
+_WAIT_BYTES = 512  # per entry waiting on a hash: its place in two dicts (an upper bound)
 
 
 class StoreError(KeyError, ValueError):
@@ -50,12 +84,24 @@ class StoreError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
+    key: Hashable
+    slot: int  # row of the store's per-request arrays (length, tail block)
     prompt_len: int
-    table: list[tuple[int, int]] = field(default_factory=list)  # (block, generation) per block
-    length: int = 0  # positions [0, length) are covered (present, evicted or never written)
+    blocks: np.ndarray  # int64 [capacity]: block per entry, or _LOST / _GAP / _WAIT
+    gens: np.ndarray  # int64 [capacity]: the block's generation when the entry was made
+    nblocks: int = 0
     published: int = 0  # leading full blocks already published
+    waits: dict[int, Hashable] = field(default_factory=dict)  # entry -> the hash it waits for
+
+    @property
+    def capacity(self) -> int:
+        return self.blocks.shape[0]
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 class RouteStore:
@@ -64,8 +110,11 @@ class RouteStore:
     Args:
         num_experts, moe_layers, top_k: the model's router shape (L = len(moe_layers)).
         block_size: tokens per block (use the engine's KV block size so hashes line up).
-        budget_bytes: the most the store may hold (ids and masks of all blocks).
+        budget_bytes: the most the store may hold: blocks (ids, masks, bookkeeping) and block
+            tables (:data:`_REQUEST_BYTES` per request plus 16 bytes per table slot).
         model: recorded in the traces :meth:`take` returns.
+        strict_hashes: raise when a hash is published twice with rows that disagree (instead of
+            counting it in :attr:`hash_conflicts`).
 
     Example:
         >>> import numpy as np
@@ -78,55 +127,60 @@ class RouteStore:
     """
 
     def __init__(self, *, num_experts: int, moe_layers: Sequence[int], top_k: int,
-                 block_size: int = 16, budget_bytes: int = 256 << 20, model: str = "") -> None:
+                 block_size: int = 16, budget_bytes: int = 256 << 20, model: str = "",
+                 strict_hashes: bool = False) -> None:
+        for name, v in (("num_experts", num_experts), ("top_k", top_k),
+                        ("block_size", block_size), ("budget_bytes", budget_bytes)):
+            if not _is_int(v) or v < 1:
+                raise StoreError(f"RouteStore: expected {name} to be an int >= 1, got {v!r}")
+        try:
+            self.moe_layers = tuple(int(x) for x in moe_layers)
+        except (TypeError, ValueError):
+            raise StoreError(f"RouteStore: expected moe_layers to be a sequence of ints, got "
+                             f"{moe_layers!r}") from None
         self.num_experts = int(num_experts)
-        self.moe_layers = tuple(int(x) for x in moe_layers)
-        self.num_layers = len(self.moe_layers)
-        self.top_k = int(top_k)
+        self.num_layers = L = len(self.moe_layers)
+        self.top_k = K = int(top_k)
         self.model = model
+        self.strict_hashes = bool(strict_hashes)
         self.dtype = id_dtype_for(self.num_experts)
-        if block_size < 1:
-            raise StoreError(f"RouteStore: expected block_size >= 1, got {block_size}")
-        if self.num_layers < 1 or self.top_k < 1:
-            raise StoreError(f"RouteStore: expected at least one MoE layer and top_k >= 1, got "
-                             f"moe_layers={self.moe_layers}, top_k={self.top_k}")
+        if L < 1:
+            raise StoreError("RouteStore: expected at least one MoE layer, got moe_layers=()")
         self.block_size = P = int(block_size)
-        L, K = self.num_layers, self.top_k
-        # route data, validity mask, and the bookkeeping of one block (generation, references,
-        # free-list slot, LRU entry; about 128 bytes), so that the budget bounds everything
-        self.block_bytes = P * L * K * self.dtype.itemsize + P * L + P + _BOOKKEEPING_BYTES
-        self.num_blocks = int(budget_bytes) // self.block_bytes
-        if self.num_blocks < 1:
+        self.block_bytes = P * L * K * self.dtype.itemsize + P * L + P + _BLOCK_BOOKKEEPING
+        num_blocks = int(budget_bytes) // self.block_bytes
+        if num_blocks < 1:
             raise StoreError(f"RouteStore: a budget of {budget_bytes} bytes holds no block; one "
                              f"block of {P} tokens x {L} layers x top-{K} needs "
                              f"{self.block_bytes} bytes")
         self.budget_bytes = int(budget_bytes)
-        # NOTE: np.zeros maps fresh pages lazily: memory is committed as blocks are first used.
-        self._ids = np.zeros((self.num_blocks, P, L, K), self.dtype)
-        self._valid = np.zeros((self.num_blocks, P, L), np.bool_)
-        # positions of a block whose rows were lost to an eviction before the block was rebuilt
-        self._lost = np.zeros((self.num_blocks, P), np.bool_)
-        self._gen = np.zeros(self.num_blocks, np.int64)
-        self._refs = np.zeros(self.num_blocks, np.int32)
-        self._hash: dict[int, Hashable] = {}  # block -> hash, for published blocks
-        self._by_hash: dict[Hashable, int] = {}
-        self._free = np.arange(self.num_blocks - 1, -1, -1, dtype=np.int32)  # a stack
-        self._nfree = self.num_blocks
-        # blocks in use, least recently used first: referenced by a request, or only cached
-        # (published, no request left): those go first when room is needed
-        self._lru_used: OrderedDict[int, None] = OrderedDict()
-        self._lru_cached: OrderedDict[int, None] = OrderedDict()
+        self.num_blocks = num_blocks
+        self.pool = BlockPool(num_blocks=num_blocks, block_size=P, num_layers=L, top_k=K,
+                              dtype=self.dtype)
         self._reqs: dict[Hashable, _Request] = {}
-        self._pinned: set[int] = set()
-        self._cow_source = -1  # the block being copied on write: never the eviction victim
-        self._flush: Any = None  # set while a scatter is pending (see _scatter)
-        self._ids_flat = self._ids.reshape(self.num_blocks * P, L, K)
-        self._valid_flat = self._valid.reshape(self.num_blocks * P, L)
-        self.evictions = 0
+        self._slot_of: dict[Hashable, int] = {}
+        self._by_slot: list[_Request | None] = [None] * 64
+        self._table_bytes = 0
+        # per-request arrays by slot, for the vectorised step: length, tail block and generation
+        self._len = np.zeros(64, np.int64)
+        self._tail_b = np.full(64, -1, np.int64)
+        self._tail_g = np.zeros(64, np.int64)
+        self._cap = np.zeros(64, np.int64)  # table capacity
+        self._mark = np.full(64, -1, np.int64)  # scratch for classify_segments
+        self._serial = np.zeros(64, np.int64)  # bumped when a slot's request is freed
+        self._live = np.zeros(64, np.bool_)
+        self._no_valid = np.zeros((1, L), np.bool_)
+        self._free_slots: list[int] = list(range(63, -1, -1))
+        self._waiting: dict[Hashable, dict[int, _Request]] = {}  # hash -> {slot: request}
+        self.hash_conflicts = 0
+        self._row_dtype = np.dtype((np.void, L * K * self.dtype.itemsize))
 
     # ---- introspection ------------------------------------------------------------------------
     def __contains__(self, request: Hashable) -> bool:
-        return request in self._reqs
+        try:
+            return request in self._reqs
+        except TypeError:
+            return False
 
     def __len__(self) -> int:
         return len(self._reqs)
@@ -136,16 +190,25 @@ class RouteStore:
 
     def length(self, request: Hashable) -> int:
         """Positions covered so far (the next write starts here)."""
-        return self._get(request).length
+        return int(self._len[self._get(request).slot])
+
+    @property
+    def evictions(self) -> int:
+        return self.pool.evictions
 
     @property
     def blocks_in_use(self) -> int:
-        return self.num_blocks - self._nfree
+        return self.pool.in_use
+
+    @property
+    def table_bytes(self) -> int:
+        """Bytes the request block tables account for (see ``budget_bytes``)."""
+        return self._table_bytes
 
     @property
     def nbytes(self) -> int:
-        """Bytes of route data held (blocks in use); never more than ``budget_bytes``."""
-        return self.blocks_in_use * self.block_bytes
+        """Bytes held: blocks in use plus block tables; never more than ``budget_bytes``."""
+        return self.pool.in_use * self.block_bytes + self._table_bytes
 
     @property
     def reserved_bytes(self) -> int:
@@ -159,417 +222,793 @@ class RouteStore:
             raise StoreError(f"unknown request {request!r}; the store holds {len(self._reqs)} "
                              "requests") from None
 
-    # ---- blocks -------------------------------------------------------------------------------
-    def _alive(self, entry: tuple[int, int]) -> bool:
-        b, g = entry
-        return b >= 0 and self._gen[b] == g
+    # ---- budget: block tables share it with the pool ---------------------------------------------
+    def _limit_for(self, table_bytes: int) -> int:
+        return self.num_blocks - -(-table_bytes // self.block_bytes)
 
-    def _touch(self, b: int) -> None:
-        (self._lru_used if self._refs[b] > 0 else self._lru_cached).move_to_end(b)
+    def _make_room(self, where: str, new_blocks: int, table_growth: int,
+                   pinned: np.ndarray) -> None:
+        """Check that ``new_blocks`` blocks and ``table_growth`` table bytes fit, then reserve.
 
-    def _ref(self, b: int) -> None:
-        """One more request uses block b."""
-        if self._refs[b] == 0:
-            self._lru_cached.pop(b, None)
-        else:
-            self._lru_used.pop(b, None)
-        self._refs[b] += 1
-        self._lru_used[b] = None
+        Raises (changing nothing) if they cannot fit even after evicting every unpinned block.
+        """
+        pool = self.pool
+        limit = self._limit_for(self._table_bytes + table_growth)
+        if limit < 0 or not pool.can_reserve(new_blocks, pinned, limit=limit):
+            raise StoreError(
+                f"{where}: the budget of {self.budget_bytes} bytes cannot hold what this call "
+                f"needs: {new_blocks} new blocks of {self.block_bytes} bytes next to "
+                f"{len(pinned)} blocks this call uses and {self._table_bytes + table_growth} bytes "
+                f"of block tables for {len(self._reqs)} requests; raise budget_bytes or free "
+                "requests")
+        self._table_bytes += table_growth
+        pool.limit = limit
+        pool.shrink_to_limit(pinned)
+        pool.reserve(new_blocks, pinned)
 
-    def _evict_one(self) -> None:
-        victim = next(iter(self._lru_cached), None)  # nothing references these: least harm
-        if victim is None:
-            for b in self._lru_used:
-                if b not in self._pinned and b != self._cow_source:
-                    victim = b
-                    break
-        if victim is None and self._flush is not None and self._pinned:
-            self._flush()  # write what this call resolved so far, then its blocks may go
-            return self._evict_one()
-        if victim is None:
-            raise StoreError(f"RouteStore: the budget of {self.budget_bytes} bytes "
-                             f"({self.num_blocks} blocks) cannot hold the blocks one write needs")
-        self._release_storage(victim)
-        self.evictions += 1
-
-    def _release_storage(self, b: int) -> None:
-        if self._lru_used.pop(b, 0) == 0:
-            del self._lru_cached[b]
-        h = self._hash.pop(b, None)
-        if h is not None and self._by_hash.get(h) == b:
-            del self._by_hash[h]
-        self._refs[b] = 0
-        self._gen[b] += 1  # every table entry still naming this block is now stale: missing
-        self._free[self._nfree] = b
-        self._nfree += 1
-
-    def _allocate(self) -> int:
-        if not self._nfree:
-            self._evict_one()
-        self._nfree -= 1
-        b = int(self._free[self._nfree])
-        self._valid[b] = False
-        self._lost[b] = False
-        self._refs[b] = 1  # the caller's
-        self._lru_used[b] = None
-        return b
-
-    def _unref(self, entry: tuple[int, int]) -> None:
-        if not self._alive(entry):
+    def _grow(self, req: _Request, need: int) -> None:
+        """Make room for ``need`` table entries (bytes were accounted for by the caller)."""
+        cap = req.capacity
+        if need <= cap:
             return
-        b = entry[0]
-        self._refs[b] -= 1
-        if self._refs[b] > 0:
-            return
-        if b not in self._hash:
-            self._release_storage(b)  # a private block nobody uses: free at once
-        else:
-            del self._lru_used[b]  # published: stays cached for prefix hits
-            self._lru_cached[b] = None
+        new = _capacity_for(need)
+        blocks = np.full(new, _GAP, np.int64)
+        gens = np.zeros(new, np.int64)
+        blocks[:cap] = req.blocks
+        gens[:cap] = req.gens
+        req.blocks, req.gens = blocks, gens
+        self._cap[req.slot] = new
 
-    def _writable(self, req: _Request, j: int) -> int:
-        """Block j of ``req`` as a private, alive block (allocating or copying as needed)."""
-        entry = req.table[j] if j < len(req.table) else None
-        if entry is not None and self._alive(entry):
-            b = entry[0]
-            if self._refs[b] == 1 and b not in self._hash:
-                self._touch(b)
-                return b
-            self._cow_source = b
-            try:
-                nb = self._allocate()
-            finally:
-                self._cow_source = -1
-            self._ids[nb] = self._ids[b]  # copy-on-write: the block is shared or published
-            self._valid[nb] = self._valid[b]
-            self._lost[nb] = self._lost[b]
-            self._unref(entry)
-        else:
-            nb = self._allocate()
-            if entry is not None:  # the block was evicted: what it held is lost, not unwritten
-                self._lost[nb, :max(0, min(self.block_size, req.length - j * self.block_size))] = True
-                self._unref(entry)
-        while len(req.table) <= j:
-            req.table.append(_LOST)
-        req.table[j] = (nb, int(self._gen[nb]))
-        return nb
+    @staticmethod
+    def _growth_bytes(req: _Request | None, need: int) -> int:
+        cap = 0 if req is None else req.capacity
+        return 0 if need <= cap else (_capacity_for(need) - cap) * _ENTRY_BYTES
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request: Hashable, *, prompt_len: int, num_cached_tokens: int = 0,
                     block_hashes: Sequence[Hashable] = ()) -> int:
         """Start a request whose first ``num_cached_tokens`` positions hit the engine's prefix cache.
 
-        ``block_hashes`` are the hashes of those cached full blocks (at least
+        ``block_hashes`` are the chained content hashes of those cached full blocks (at least
         ``num_cached_tokens // block_size`` of them). Returns how many of the cached positions
-        the store still has routes for; the rest (evicted here) are missing.
+        the store has routes for now; a hit on a hash not published yet waits for it
+        (:data:`PENDING`), one on a block the store evicted is missing (:data:`EVICTED`).
         """
-        if request in self._reqs:
-            raise StoreError(f"add_request({request!r}): the request already exists; use "
-                             "restart() for a preempted request")
-        if not isinstance(prompt_len, (int, np.integer)) or prompt_len < 0:
-            raise StoreError(f"add_request({request!r}): expected prompt_len >= 0, got "
+        where = f"add_request({request!r})"
+        try:
+            exists = request in self._reqs
+        except TypeError:
+            raise StoreError(f"{where}: request ids must be hashable, got "
+                             f"{type(request).__name__}") from None
+        if exists:
+            raise StoreError(f"{where}: the request already exists; use restart() for a "
+                             "preempted request")
+        if not _is_int(prompt_len) or prompt_len < 0:
+            raise StoreError(f"{where}: expected prompt_len to be an int >= 0, got "
                              f"{prompt_len!r}")
-        self._check_cached(request, num_cached_tokens, block_hashes)
-        req = _Request(prompt_len=int(prompt_len))
+        hashes = self._check_cached(where, num_cached_tokens, block_hashes)
+        nb = len(hashes)
+        self._make_room(where, 0, _REQUEST_BYTES + self._growth_bytes(None, max(nb, 1))
+                        + self._wait_bytes(hashes), np.zeros(0, np.int64))
+        if not self._free_slots:
+            self._grow_slots()
+        slot = self._free_slots.pop()
+        cap = _capacity_for(max(nb, 1))
+        req = _Request(key=request, slot=slot, prompt_len=int(prompt_len),
+                       blocks=np.full(cap, _GAP, np.int64), gens=np.zeros(cap, np.int64))
         self._reqs[request] = req
-        return self._attach(req, num_cached_tokens, block_hashes)
+        self._slot_of[request] = slot
+        self._by_slot[slot] = req
+        self._live[slot] = True
+        self._cap[slot] = cap
+        self._len[slot] = 0
+        self._tail_b[slot] = -1
+        return self._attach(req, hashes)
 
     def restart(self, request: Hashable, *, num_cached_tokens: int = 0,
                 block_hashes: Sequence[Hashable] = ()) -> int:
         """A preempted request is scheduled again: drop its rows, attach its cached prefix."""
         req = self._get(request)
-        self._check_cached(request, num_cached_tokens, block_hashes)
-        for entry in req.table:
-            self._unref(entry)
-        req.table, req.length, req.published = [], 0, 0
-        return self._attach(req, num_cached_tokens, block_hashes)
+        where = f"restart({request!r})"
+        hashes = self._check_cached(where, num_cached_tokens, block_hashes)
+        self._make_room(where, 0, self._growth_bytes(req, len(hashes)) + self._wait_bytes(hashes),
+                        np.zeros(0, np.int64))
+        self._drop_entries(req, 0)
+        self._len[req.slot] = 0
+        req.published = 0
+        self._grow(req, len(hashes))
+        return self._attach(req, hashes)
 
-    def _check_cached(self, request: Hashable, n: int, hashes: Sequence[Hashable]) -> None:
+    def _check_cached(self, where: str, n: Any, hashes: Sequence[Hashable]) -> list[Hashable]:
         P = self.block_size
-        if not isinstance(n, (int, np.integer)) or n < 0 or n % P:
-            raise StoreError(f"{request!r}: expected num_cached_tokens to be a multiple of the "
-                             f"block size {P}, got {n!r}")
-        if len(hashes) < n // P:
-            raise StoreError(f"{request!r}: {n} cached tokens need {n // P} block hashes, got "
-                             f"{len(hashes)}")
-        for h in hashes[:n // P]:
-            if not isinstance(h, Hashable):
-                raise StoreError(f"{request!r}: block hashes must be hashable, got "
-                                 f"{type(h).__name__}")
-
-    def _attach(self, req: _Request, n: int, hashes: Sequence[Hashable]) -> int:
-        P = self.block_size
-        have = 0
-        for j in range(n // P):
-            b = self._by_hash.get(hashes[j])
-            if b is None:
-                req.table.append(_LOST)  # the engine kept it, the store had to evict it
-                continue
-            self._ref(b)
-            req.table.append((b, int(self._gen[b])))
-            have += P
-        req.length = n
-        req.published = n // P
-        return have
-
-    def _check_rows(self, where: str, ids_TLK: np.ndarray, valid_TL: np.ndarray | None) -> None:
-        L, K = self.num_layers, self.top_k
-        if not isinstance(ids_TLK, np.ndarray) or ids_TLK.ndim != 3 or ids_TLK.shape[1:] != (L, K):
-            raise StoreError(f"{where}: expected rows of shape [T, L={L}, K={K}], got "
-                             f"{getattr(ids_TLK, 'shape', type(ids_TLK).__name__)}")
-        if ids_TLK.dtype != self.dtype:
-            raise StoreError(f"{where}: expected dtype {self.dtype}, got {ids_TLK.dtype}")
-        if valid_TL is not None and (valid_TL.shape != ids_TLK.shape[:2]
-                                     or valid_TL.dtype != np.bool_):
-            raise StoreError(f"{where}: expected a bool valid mask of shape {ids_TLK.shape[:2]}, "
-                             f"got {valid_TL.dtype} {valid_TL.shape}")
-        if ids_TLK.size and self.num_experts < (1 << (8 * self.dtype.itemsize)):
-            hi = ids_TLK.max() if valid_TL is None else (
-                ids_TLK[valid_TL].max() if valid_TL.any() else 0)
-            if hi >= self.num_experts:
-                raise StoreError(f"{where}: expected expert ids in [0, {self.num_experts}), got "
-                                 f"{int(hi)}")
+        if not _is_int(n) or n < 0 or n % P:
+            raise StoreError(f"{where}: expected num_cached_tokens to be a multiple of the block "
+                             f"size {P}, got {n!r}")
+        try:
+            got = len(hashes)
+        except TypeError:
+            raise StoreError(f"{where}: expected block_hashes to be a sequence, got "
+                             f"{type(hashes).__name__}") from None
+        if got < n // P:
+            raise StoreError(f"{where}: {n} cached tokens need {n // P} block hashes, got {got}")
+        out = list(hashes[:n // P])
+        self._check_hashable(where, out)
+        return out
 
     @staticmethod
-    def _check_start(request: Hashable, length: int, start: int, where: str) -> None:
-        if start < length:
-            raise StoreError(
-                f"{where}: positions going backwards: the write starts at {start} but request "
-                f"{request!r} already has {length} positions; call truncate({request!r}, "
-                f"{start}) first to drop rejected rows, or restart() after a preemption")
-        if start > length:
-            raise StoreError(f"{where}: a gap: the write starts at {start} but request "
-                             f"{request!r} has {length} positions (expected {length})")
+    def _check_hashable(where: str, hashes: list[Hashable]) -> None:
+        for j, h in enumerate(hashes):
+            try:
+                hash(h)
+            except TypeError:
+                raise StoreError(f"{where}: block hashes must be hashable, got "
+                                 f"{type(h).__name__} {h!r} at block {j}") from None
+
+    def _wait_bytes(self, hashes: list[Hashable]) -> int:
+        by_hash = self.pool.by_hash
+        return _WAIT_BYTES * sum(h not in by_hash for h in hashes)
+
+    def _attach(self, req: _Request, hashes: list[Hashable]) -> int:
+        pool, P = self.pool, self.block_size
+        have = 0
+        for j, h in enumerate(hashes):
+            b = pool.by_hash.get(h)
+            if b is not None:
+                pool.ref(b)
+                req.blocks[j] = b
+                req.gens[j] = pool.gen[b]
+                have += P
+            else:  # not published (yet): wait for it; if it never comes, it reads missing
+                req.blocks[j] = _WAIT
+                req.waits[j] = h
+                self._waiting.setdefault(h, {})[req.slot] = req
+        req.nblocks = len(hashes)
+        self._len[req.slot] = len(hashes) * P
+        req.published = len(hashes)
+        self._tail_b[req.slot] = -1
+        return have
+
+    def _drop_entries(self, req: _Request, keep: int) -> None:
+        """Release table entries ``>= keep`` (blocks unreferenced, waits cancelled)."""
+        pool = self.pool
+        for j in range(keep, req.nblocks):
+            b = int(req.blocks[j])
+            if b >= 0:
+                pool.unref(b, int(req.gens[j]))
+            elif b == _WAIT:
+                self._cancel_wait(req, j)
+        req.blocks[keep:req.nblocks] = _GAP
+        req.nblocks = min(req.nblocks, keep)
+        self._tail_b[req.slot] = -1
+
+    def _cancel_wait(self, req: _Request, j: int) -> None:
+        h = req.waits.pop(j)
+        self._table_bytes -= _WAIT_BYTES
+        self.pool.limit = self._limit_for(self._table_bytes)
+        if not any(h2 == h for h2 in req.waits.values()):
+            waiters = self._waiting.get(h)
+            if waiters is not None:
+                waiters.pop(req.slot, None)
+                if not waiters:
+                    del self._waiting[h]
+
+    def _grow_slots(self) -> None:
+        n = self._len.shape[0]
+        self._len = np.concatenate([self._len, np.zeros(n, np.int64)])
+        self._tail_b = np.concatenate([self._tail_b, np.full(n, -1, np.int64)])
+        self._tail_g = np.concatenate([self._tail_g, np.zeros(n, np.int64)])
+        self._cap = np.concatenate([self._cap, np.zeros(n, np.int64)])
+        self._serial = np.concatenate([self._serial, np.zeros(n, np.int64)])
+        self._live = np.concatenate([self._live, np.zeros(n, np.bool_)])
+        self._free_slots.extend(range(2 * n - 1, n - 1, -1))
+        self._by_slot.extend([None] * n)
+
+    # ---- writing ------------------------------------------------------------------------------
+    def _check_rows(self, where: str, ids_NLK: Any, valid_NL: Any) -> None:
+        L, K = self.num_layers, self.top_k
+        if not isinstance(ids_NLK, np.ndarray) or ids_NLK.ndim != 3 or ids_NLK.shape[1:] != (L, K):
+            raise StoreError(f"{where}: expected rows of shape [T, L={L}, K={K}], got "
+                             f"{getattr(ids_NLK, 'shape', type(ids_NLK).__name__)}")
+        if ids_NLK.dtype != self.dtype:
+            raise StoreError(f"{where}: expected dtype {self.dtype}, got {ids_NLK.dtype}")
+        if valid_NL is not None and (not isinstance(valid_NL, np.ndarray)
+                                     or valid_NL.shape != ids_NLK.shape[:2]
+                                     or valid_NL.dtype != np.bool_):
+            raise StoreError(f"{where}: expected a bool valid mask of shape {ids_NLK.shape[:2]}, "
+                             f"got {getattr(valid_NL, 'dtype', type(valid_NL).__name__)} "
+                             f"{getattr(valid_NL, 'shape', '')}")
+
+    def _check_cells(self, where: str, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
+                     rows: np.ndarray, ns: np.ndarray) -> None:
+        bad = first_bad_cell(ids_NLK, valid_NL, rows, ns, self.num_experts)
+        if bad < 0:
+            return
+        L = self.num_layers
+        row, layer = divmod(bad, L)
+        ids = ids_NLK[row, layer]
+        if int(ids.max()) >= self.num_experts:
+            raise StoreError(f"{where}: expected expert ids in [0, {self.num_experts}), got "
+                             f"{ids.tolist()} at step row {row}, layer {layer}")
+        raise StoreError(f"{where}: expected {self.top_k} distinct expert ids in each row, got "
+                         f"{ids.tolist()} at step row {row}, layer {layer} (mark the cell "
+                         "invalid if the router did not produce it)")
 
     def write(self, request: Hashable, start: int, ids_TLK: np.ndarray,
-              valid_TL: np.ndarray | None = None) -> None:
-        """Store the rows of positions ``[start, start + T)``; ``start`` must be the length."""
-        where = f"write({request!r})"
-        req = self._get(request)
-        self._check_rows(where, ids_TLK, valid_TL)
-        self._check_start(request, req.length, start, where)
-        self._put(req, start, ids_TLK, valid_TL)
+              valid_TL: np.ndarray | None = None, *, seek: bool = False) -> None:
+        """Store the rows of positions ``[start, start + T)``.
+
+        ``start`` must be the request's length, unless ``seek`` (see the module docstring).
+        """
+        self._ingest(f"write({request!r})", ids_TLK, valid_TL,
+                     [(request, start, 0, getattr(ids_TLK, "shape", (0,))[0])], seek)
 
     def ingest(self, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
-               segments: Sequence[tuple[Hashable, int, int, int]]) -> None:
+               segments: Sequence[tuple[Hashable, int, int, int]], *, seek: bool = False) -> None:
         """One engine step: ``segments`` of ``(request, start, first_row, num_rows)``.
 
         Rows ``[first_row, first_row + num_rows)`` of the step are positions
         ``[start, start + num_rows)`` of the request. Rows no segment names (padding, dummy
-        tokens) are ignored. All segments are checked before any is stored.
+        tokens) are ignored, and not checked. All segments, and every named row (ids in
+        ``[0, E)``, K distinct ids per valid cell), are checked before anything is stored.
+        ``seek``: segments may start anywhere (see the module docstring).
         """
-        self._check_rows("ingest", ids_NLK, valid_NL)
+        self._ingest("ingest", ids_NLK, valid_NL, segments, seek)
+
+    def _ingest(self, where: str, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
+                segments: Sequence[tuple[Hashable, int, int, int]], seek: bool) -> None:
+        self._check_rows(where, ids_NLK, valid_NL)
         N = ids_NLK.shape[0]
-        reqs = self._reqs
-        ends: dict[Hashable, int] = {}
-        pieces = []
-        for request, start, row, n in segments:
-            req = reqs.get(request) if isinstance(request, Hashable) else None
-            if req is None:
-                self._get(request)  # raises the error naming the request
-            length = ends.get(request, req.length)
-            if start != length or n < 0 or row < 0 or row + n > N:
-                if n < 0 or row < 0 or row + n > N:
-                    raise StoreError(f"ingest: segment of {request!r} names rows [{row}, "
-                                     f"{row + n}) of a step of {N} rows")
-                self._check_start(request, length, start, "ingest")
-            ends[request] = start + n
-            pieces.append((req, start, row, n))
-        self._scatter(ids_NLK, valid_NL, pieces)
-
-    def _put(self, req: _Request, start: int, ids_TLK: np.ndarray,
-             valid_TL: np.ndarray | None) -> None:
-        self._scatter(ids_TLK, valid_TL, [(req, start, 0, ids_TLK.shape[0])])
-
-    def _scatter(self, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
-                 pieces: list[tuple[_Request, int, int, int]]) -> None:
-        """Store rows ``[row, row + n)`` at positions ``[start, start + n)`` of each request.
-
-        Blocks are resolved first (allocating, copying on write) and the rows then moved with
-        one scatter. Blocks resolved in this call are pinned: an allocation that must evict one
-        first flushes the rows gathered so far, so a reused block never receives stale rows.
-        """
-        P = self.block_size
-        dst: list[int] = []  # first pool row of each piece
-        src: list[int] = []  # first step row of each piece
-        cnt: list[int] = []  # rows in each piece
-        pinned = self._pinned
-
-        def flush() -> None:
-            if cnt:
-                if len(cnt) == sum(cnt):  # one row per piece: decode steps
-                    d = np.asarray(dst)
-                    r = np.asarray(src)
-                else:
-                    m = np.asarray(cnt)
-                    first = np.repeat(np.cumsum(m) - m, m)
-                    run = np.arange(int(m.sum())) - first
-                    d = np.repeat(np.asarray(dst), m) + run
-                    r = np.repeat(np.asarray(src), m) + run
-                self._ids_flat[d] = ids_NLK[r]
-                self._valid_flat[d] = True if valid_NL is None else valid_NL[r]
-                dst.clear()
-                src.clear()
-                cnt.clear()
-            pinned.clear()
-
-        self._flush = flush
         try:
-            gen, refs, hashed = self._gen, self._refs, self._hash
-            for req, start, row, n in pieces:
-                end = start + n
-                pos = start
-                table = req.table
+            keys, starts_l, rows_l, ns_l = zip(*segments) if len(segments) else ((), (), (), ())
+            slots = np.array(list(map(self._slot_of.__getitem__, keys)), np.int64)
+        except (KeyError, TypeError, ValueError):
+            for seg in segments:
+                if not isinstance(seg, (tuple, list)) or len(seg) != 4:
+                    raise StoreError(f"{where}: expected segments of (request, start, first_row, "
+                                     f"num_rows), got {seg!r}") from None
+                self._get(seg[0])
+            raise StoreError(f"{where}: bad segments {segments!r}") from None
+        starts = _int_array(where, "start", starts_l)
+        rows = _int_array(where, "first_row", rows_l)
+        ns = _int_array(where, "num_rows", ns_l)
+        self._ingest_arrays(where, ids_NLK, valid_NL, slots, starts, rows, ns, seek)
+
+    def handle(self, request: Hashable) -> int:
+        """An integer handle for ``request`` for :meth:`ingest_arrays`, valid until it is freed.
+
+        A handle of a freed request is refused, even after its slot went to another request.
+        """
+        slot = self._get(request).slot
+        return int(self._serial[slot]) << 32 | slot
+
+    def ingest_arrays(self, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
+                      handles: np.ndarray, starts: np.ndarray, first_rows: np.ndarray,
+                      num_rows: np.ndarray, *, seek: bool = False) -> None:
+        """:meth:`ingest` with the segments as integer arrays: no Python per segment.
+
+        ``handles[i]`` (from :meth:`handle`), ``starts[i]``, ``first_rows[i]``, ``num_rows[i]``
+        describe segment i as in :meth:`ingest`, with the same checks.
+        """
+        where = "ingest_arrays"
+        self._check_rows(where, ids_NLK, valid_NL)
+        arrs = []
+        for name, a in (("handles", handles), ("starts", starts), ("first_rows", first_rows),
+                        ("num_rows", num_rows)):
+            if (not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "iu"
+                    or a.shape != np.shape(handles)):
+                raise StoreError(f"{where}: expected {name} to be a 1-D integer array of "
+                                 f"{np.shape(handles)} entries, got "
+                                 f"{getattr(a, 'dtype', type(a).__name__)} {np.shape(a)}")
+            arrs.append(a.astype(np.int64, copy=False))
+        h, st, rw, ns = arrs
+        slots = h & 0xFFFFFFFF
+        ok = slots < self._len.shape[0]
+        ok[ok] = (h[ok] >> 32 == self._serial[slots[ok]]) & self._live[slots[ok]]
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise StoreError(f"{where}: handle {int(h[i])} (segment {i}) names no request: the "
+                             "request was freed, or the handle is not from handle()")
+        self._ingest_arrays(where, ids_NLK, valid_NL, slots, st, rw, ns, seek)
+
+    def _ingest_arrays(self, where: str, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
+                       slots: np.ndarray, starts: np.ndarray, rows: np.ndarray, ns: np.ndarray,
+                       seek: bool) -> None:
+        N = ids_NLK.shape[0]
+        S = slots.shape[0]
+        pool, P = self.pool, self.block_size
+        kind = np.empty(S, np.int8)
+        lens = np.empty(S, np.int64)
+        if self._mark.shape[0] != self._len.shape[0]:
+            self._mark = np.full(self._len.shape[0], -1, np.int64)
+        bad = classify_segments(slots, starts, rows, ns, N, self._len, self._tail_b,
+                                self._tail_g, self._cap, pool.gen, pool.refs, pool.published,
+                                P, seek, kind, lens, self._mark)
+        if bad >= 0:
+            i, code = divmod(bad, 4)
+            keys = [self._by_slot[int(slots[i])].key] * (i + 1)
+            if code == 1:
+                raise StoreError(f"{where}: segment of {keys[i]!r} names rows [{int(rows[i])}, "
+                                 f"{int(rows[i] + ns[i])}) of a step of {N} rows")
+            if code == 2:
+                raise StoreError(f"{where}: segment of {keys[i]!r} starts at position "
+                                 f"{int(starts[i])}; expected >= 0")
+            _raise_position(where, keys[i], int(lens[i]), int(starts[i]))
+        self._check_cells(where, ids_NLK, valid_NL, rows, ns)
+        clock = pool.tick()
+        slow = np.flatnonzero(kind >= SEG_APPEND)  # appends and the rest: blocks to resolve
+        pieces = None
+        if slow.size:
+            # plan and reserve first (a refusal changes nothing), then resolve tables
+            fast_tails = self._tail_b[slots[kind == SEG_FAST]]
+            by_slot = self._by_slot
+            ai = slow[kind[slow] == SEG_APPEND]
+            si = slow[kind[slow] == SEG_SLOW]
+            pieces = self._resolve_slow(where, [by_slot[i] for i in slots[si].tolist()],
+                                        starts[si], rows[si], ns[si], lens[si], fast_tails,
+                                        [by_slot[i] for i in slots[ai].tolist()], starts[ai],
+                                        rows[ai], ns[ai])
+        d = np.empty(S, np.int64)
+        s_ = np.empty(S, np.int64)
+        c = np.empty(S, np.int64)
+        k = fast_runs(kind, slots, starts, rows, ns, self._tail_b, P, self._len, pool.last_use,
+                      clock, d, s_, c)
+        if pieces is not None:
+            d = np.concatenate([d[:k], pieces[0]])
+            s_ = np.concatenate([s_[:k], pieces[1]])
+            c = np.concatenate([c[:k], pieces[2]])
+            k = d.shape[0]
+            for bs, r0 in pieces[3]:  # whole blocks from contiguous step rows: block copies
+                nb = bs.shape[0]
+                pool.ids[bs] = ids_NLK[r0:r0 + nb * P].reshape(nb, P, *ids_NLK.shape[1:])
+                pool.valid[bs] = True if valid_NL is None else valid_NL[r0:r0 + nb * P].reshape(
+                    nb, P, -1)
+        if k:
+            step = ids_NLK.reshape(N, -1)
+            has_valid = valid_NL is not None
+            scatter_runs(pool.ids_rows, step, pool.valid_rows,
+                         valid_NL if has_valid else self._no_valid, has_valid, d[:k], s_[:k],
+                         c[:k])
+
+    def _resolve_slow(self, where: str, reqs: list[_Request], starts: np.ndarray,
+                      rows: np.ndarray, ns: np.ndarray, lens: np.ndarray,
+                      pinned_fast: np.ndarray, app_reqs: list[_Request], app_starts: np.ndarray,
+                      app_rows: np.ndarray, app_ns: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[np.ndarray, int]]]:
+        """Segments that need blocks: plan all, reserve once, then resolve.
+
+        ``app_*``: segments that start a fresh block at their table's end (one block each).
+        The rest may copy on write, cut, leave gaps or span blocks.
+        """
+        pool, P = self.pool, self.block_size
+        need = 0
+        growth: dict[int, int] = {}
+        pins: list[int] = []
+        repeated = len({r.slot for r in reqs}) != len(reqs)
+        for req, start, n, length in zip(reqs, starts.tolist(), ns.tolist(), lens.tolist(),
+                                         strict=True):
+            end = start + n
+            cut = min(start, length)
+            j_lo = cut // P
+            j_hi = -(-end // P)  # entries [j_lo, j_hi) are written
+            growth[req.slot] = max(growth.get(req.slot, 0), j_hi, req.nblocks)
+            # entries that survive a cut (start < length): those below ceil(start / P)
+            keep = -(-cut // P) if start < length else req.nblocks
+            if not n:
+                j_hi = j_lo + 1 if start < length and cut % P else j_lo  # the cut's copy only
+            for j in range(j_lo, j_hi):
+                if j >= keep or j >= req.nblocks:
+                    need += 1  # dropped by the cut, or past the table: a fresh block
+                    continue
+                b = int(req.blocks[j])
+                if b >= 0 and pool.gen[b] == req.gens[j]:
+                    pins.append(b)
+                    if not pool.private(b):
+                        need += 1  # copied on write (or to cut inside it)
+                else:
+                    need += 1
+            if repeated:
+                need += 1  # bound: a repeated request's later segment may copy once more
+        table_growth = sum(self._growth_bytes(r, growth[r.slot]) for r in
+                           {r.slot: r for r in reqs}.values())
+        pinned = np.unique(np.concatenate([pinned_fast, np.asarray(pins, np.int64)]))
+        self._make_room(where, need + len(app_reqs), table_growth, pinned)
+        dst: list[int] = []
+        src: list[int] = []
+        cnt: list[int] = []
+        bulk: list[tuple[np.ndarray, int]] = []  # whole blocks: (blocks, first step row)
+        try:
+            if app_reqs:
+                bs = pool.take_many(len(app_reqs))
+                gs = pool.gen[bs]
+                js = app_starts // P
+                for req, b, g, j in zip(app_reqs, bs.tolist(), gs.tolist(), js.tolist()):
+                    req.blocks[req.nblocks:j] = _GAP
+                    req.blocks[j] = b
+                    req.gens[j] = g
+                    req.nblocks = j + 1
+                slots = np.fromiter((r.slot for r in app_reqs), np.int64, len(app_reqs))
+                self._len[slots] = app_starts + app_ns
+                open_ = (app_ns < P)
+                self._tail_b[slots] = np.where(open_, bs, -1)
+                self._tail_g[slots] = gs
+                dst.extend((bs * P).tolist())
+                src.extend(app_rows.tolist())
+                cnt.extend(app_ns.tolist())
+            for req, start, row, n, length in zip(reqs, starts.tolist(), rows.tolist(),
+                                                  ns.tolist(), lens.tolist(), strict=True):
+                self._grow(req, growth[req.slot])
+                length = int(self._len[req.slot]) if repeated else length
+                if start < length:
+                    self._cut(req, start, length)
+                    length = start
+                elif start > length and length % P:
+                    pass  # rows past the length are invalid already: the gap reads missing
+                pos, end = start, start + n
                 while pos < end:
-                    j, o = divmod(pos, P)
-                    m = min(P - o, end - pos)
-                    # fast path (every decode step): the request's own tail block, still alive
-                    b = -1
-                    if o and j < len(table):
-                        b, g = table[j]
-                        if b < 0 or gen[b] != g or refs[b] != 1 or b in hashed:
-                            b = -1
-                    if b < 0:
-                        b = self._writable(req, j)
-                    pinned.add(b)
-                    dst.append(b * P + o)
+                    j, off = divmod(pos, P)
+                    if not off and j >= req.nblocks and end - pos >= P:
+                        # whole fresh blocks past the table (prefill chunks): all at once
+                        k = (end - pos) // P
+                        bs = pool.take_many(k)
+                        req.blocks[req.nblocks:j] = _GAP
+                        req.blocks[j:j + k] = bs
+                        req.gens[j:j + k] = pool.gen[bs]
+                        req.nblocks = j + k
+                        bulk.append((bs, row + pos - start))
+                        pos += k * P
+                        continue
+                    m = min(P - off, end - pos)
+                    b = self._writable(req, j, length)
+                    dst.append(b * P + off)
                     src.append(row + pos - start)
                     cnt.append(m)
                     pos += m
-                req.length = end
-            flush()
+                if n:
+                    # entries between the old table end and the first written one are gaps
+                    self._len[req.slot] = end
+                    self._sync_tail(req, end)
+                else:
+                    self._len[req.slot] = start
+                    self._sync_tail(req, start)
         finally:
-            self._flush = None
-            pinned.clear()
+            pool.unreserve()
+        return (np.asarray(dst, np.int64), np.asarray(src, np.int64), np.asarray(cnt, np.int64),
+                bulk)
+
+    def _sync_tail(self, req: _Request, length: int) -> None:
+        j, o = divmod(length, self.block_size)
+        slot = req.slot
+        if o and j < req.nblocks and req.blocks[j] >= 0:
+            self._tail_b[slot] = req.blocks[j]
+            self._tail_g[slot] = req.gens[j]
+        else:
+            self._tail_b[slot] = -1
+
+    def _cut(self, req: _Request, length: int, old: int) -> None:
+        """Forget positions ``>= length`` (``old`` is the current length)."""
+        P = self.block_size
+        keep = -(-length // P)
+        self._drop_entries(req, keep)
+        j, o = divmod(length, P)
+        if o and j < req.nblocks:
+            b = int(req.blocks[j])
+            if b >= 0 and self.pool.gen[b] == req.gens[j]:
+                b = self._writable(req, j, old)  # the partial block: drop its rows from o on
+                self.pool.valid[b, o:] = False
+                self.pool.lost[b, o:] = False
+        self._len[req.slot] = length
+        req.published = min(req.published, length // P)
+        self._sync_tail(req, length)
+
+    def _writable(self, req: _Request, j: int, length: int) -> int:
+        """Entry j of ``req`` as a private, alive block (from the reservation if new)."""
+        pool, P = self.pool, self.block_size
+        if j < req.nblocks:
+            b, g = int(req.blocks[j]), int(req.gens[j])
+            if b >= 0 and pool.gen[b] == g:
+                if pool.private(b):
+                    pool.last_use[b] = pool.clock
+                    return b
+                nb = pool.take()
+                pool.copy_block(nb, b)  # copy-on-write: the block is shared or published
+                o = length - j * P
+                if 0 <= o < P:
+                    pool.valid[nb, o:] = False
+                    pool.lost[nb, o:] = False
+                pool.unref(b, g)
+            else:
+                nb = pool.take()
+                if b == _WAIT:
+                    self._cancel_wait(req, j)
+                if b != _GAP:  # the block was evicted (or never came): what it held is lost
+                    pool.lost[nb, :max(0, min(P, length - j * P))] = True
+                if b >= 0:
+                    pool.unref(b, g)
+        else:
+            nb = pool.take()
+            req.blocks[req.nblocks:j] = _GAP
+            req.nblocks = j + 1
+        req.blocks[j] = nb
+        req.gens[j] = pool.gen[nb]
+        return nb
 
     def publish(self, request: Hashable, block_hashes: Sequence[Hashable]) -> None:
-        """Publish the request's full blocks under the engine's content hashes (idempotent).
+        """Publish the request's full blocks under the engine's chained content hashes.
 
         ``block_hashes[j]`` is the hash of block j; blocks past the request's full blocks are
         ignored (the engine may know hashes of blocks the store has not seen complete yet).
+        Idempotent. Requests waiting on a hash (same-step prefix hits) are linked to it here.
         """
+        where = f"publish({request!r})"
         req = self._get(request)
         P = self.block_size
-        full = min(req.length // P, len(block_hashes))
-        for j in range(req.published, full):
-            entry = req.table[j]
-            h = block_hashes[j]
-            if not self._alive(entry):
-                continue  # evicted: nothing to publish
-            b = entry[0]
-            other = self._by_hash.get(h)
-            if other is not None and other != b:
-                if not (self._valid[b] & ~self._valid[other]).any():
+        try:
+            full = min(int(self._len[req.slot]) // P, len(block_hashes))
+            todo = list(block_hashes[req.published:full])
+        except TypeError:
+            raise StoreError(f"{where}: expected block_hashes to be a sequence, got "
+                             f"{type(block_hashes).__name__}") from None
+        self._check_hashable(where, todo)
+        pool = self.pool
+        if self.strict_hashes:
+            for j, h in enumerate(todo, start=req.published):
+                b, other = int(req.blocks[j]), pool.by_hash.get(h)
+                if (b >= 0 and pool.gen[b] == req.gens[j] and other is not None and other != b
+                        and self._disagree(b, other)):
+                    raise StoreError(f"{where}: block {j} hash {h!r} was published before with "
+                                     "different routes; block hashes must be chained content "
+                                     "hashes (the hash of block j covers blocks 0..j)")
+        for j, h in enumerate(todo, start=req.published):
+            b, g = int(req.blocks[j]), int(req.gens[j])
+            if b < 0 or pool.gen[b] != g:
+                continue  # evicted, or waiting itself: nothing to publish
+            other = pool.by_hash.get(h)
+            if other == b:
+                continue
+            if other is not None:
+                if self._disagree(b, other):
+                    self.hash_conflicts += 1  # keep our own rows, unpublished
+                    continue
+                if not (pool.valid[b] & ~pool.valid[other]).any():
                     # deduplicate: link to the block already published under this hash
-                    self._ref(other)
-                    req.table[j] = (other, int(self._gen[other]))
-                    self._unref(entry)
+                    pool.ref(other)
+                    req.blocks[j] = other
+                    req.gens[j] = pool.gen[other]
+                    pool.unref(b, g)
                     continue
                 # the published copy lost cells (an eviction) that this one has: publish ours
                 # instead; the old one stays with the requests that hold it
-                del self._hash[other]
-                if self._refs[other] == 0:
-                    self._release_storage(other)
-                other = None
-            if other is None and b not in self._hash:
-                self._hash[b] = h
-                self._by_hash[h] = b
+                pool.unpublish(other)
+            if not pool.published[b]:
+                pool.publish(b, h)
+                self._wake(h, b)
         req.published = max(req.published, full)
+        self._sync_tail(req, int(self._len[req.slot]))
+
+    def _disagree(self, a: int, b: int) -> bool:
+        pool = self.pool
+        both = pool.valid[a] & pool.valid[b]
+        return bool((pool.ids[a][both] != pool.ids[b][both]).any())
+
+    def _wake(self, h: Hashable, b: int) -> None:
+        """Link every entry waiting on hash h to block b."""
+        waiters = self._waiting.pop(h, None)
+        if not waiters:
+            return
+        pool = self.pool
+        for req in waiters.values():
+            for j in [j for j, h2 in req.waits.items() if h2 == h]:
+                del req.waits[j]
+                self._table_bytes -= _WAIT_BYTES
+                pool.ref(b)
+                req.blocks[j] = b
+                req.gens[j] = pool.gen[b]
+        pool.limit = self._limit_for(self._table_bytes)
 
     def truncate(self, request: Hashable, length: int) -> None:
         """Forget positions ``>= length`` (e.g. rejected speculative tokens)."""
         req = self._get(request)
-        if not isinstance(length, (int, np.integer)) or not 0 <= length <= req.length:
-            raise StoreError(f"truncate({request!r}, {length!r}): expected 0 <= length <= "
-                             f"{req.length}")
+        old = int(self._len[req.slot])
+        if not _is_int(length) or not 0 <= length <= old:
+            raise StoreError(f"truncate({request!r}, {length!r}): expected 0 <= length <= {old}")
+        where = f"truncate({request!r})"
         P = self.block_size
-        keep = -(-length // P)
-        for entry in req.table[keep:]:
-            self._unref(entry)
-        del req.table[keep:]
-        j, o = divmod(length, P)
-        if o and j < len(req.table) and self._alive(req.table[j]):
-            b = self._writable(req, j)  # the partial block: drop its rows from `length` on
-            self._valid[b, o:] = False
-            self._lost[b, o:] = False
-        req.length = length
-        req.published = min(req.published, length // P)
+        j, o = divmod(int(length), P)
+        need, pins = 0, np.zeros(0, np.int64)
+        if o and j < req.nblocks:
+            b = int(req.blocks[j])
+            if b >= 0 and self.pool.gen[b] == req.gens[j]:
+                pins = np.array([b], np.int64)
+                need = 0 if self.pool.private(b) else 1
+        self._make_room(where, need, 0, pins)
+        try:
+            self._cut(req, int(length), old)
+        finally:
+            self.pool.unreserve()
 
     def free(self, request: Hashable) -> None:
         """The request finished or was aborted: release its blocks (published ones stay cached)."""
         req = self._get(request)
-        for entry in req.table:
-            self._unref(entry)
+        self._drop_entries(req, 0)
         del self._reqs[request]
+        del self._slot_of[request]
+        self._by_slot[req.slot] = None
+        self._live[req.slot] = False
+        self._serial[req.slot] += 1
+        self._table_bytes -= _REQUEST_BYTES + req.capacity * _ENTRY_BYTES
+        self._free_slots.append(req.slot)
+        self.pool.limit = self._limit_for(self._table_bytes)
 
     def clear(self) -> None:
         for r in list(self._reqs):
             self.free(r)
 
     # ---- reading ------------------------------------------------------------------------------
+    def _entries(self, req: _Request, j0: int, j1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Blocks of entries ``[j0, j1)`` (0 where not alive) and whether each is alive."""
+        n = max(0, j1 - j0)
+        blocks = np.full(n, _GAP, np.int64)
+        gens = np.zeros(n, np.int64)
+        k = max(0, min(j1, req.nblocks) - j0)
+        blocks[:k] = req.blocks[j0:j0 + k]
+        gens[:k] = req.gens[j0:j0 + k]
+        real = blocks >= 0
+        alive = real.copy()
+        alive[real] = self.pool.gen[blocks[real]] == gens[real]
+        return np.where(alive, blocks, 0), alive, blocks
+
     def coverage(self, request: Hashable, start: int = 0, end: int | None = None) -> np.ndarray:
-        """Per position: :data:`PRESENT`, :data:`EVICTED` or :data:`NOT_WRITTEN` (int8)."""
+        """Per position: :data:`PRESENT`, :data:`EVICTED`, :data:`NOT_WRITTEN` or :data:`PENDING`."""
         req = self._get(request)
-        end = req.length if end is None else end
-        if not 0 <= start <= end:
-            raise StoreError(f"coverage({request!r}): expected 0 <= start <= end, got {start}, "
-                             f"{end}")
+        length = int(self._len[req.slot])
+        end = length if end is None else end
+        if not (_is_int(start) and _is_int(end) and 0 <= start <= end):
+            raise StoreError(f"coverage({request!r}): expected 0 <= start <= end, got {start!r}, "
+                             f"{end!r}")
         P = self.block_size
-        out = np.full(end - start, NOT_WRITTEN, np.int8)
-        for pos in range(start, min(end, req.length)):
-            j, o = divmod(pos, P)
-            entry = req.table[j] if j < len(req.table) else None
-            if entry is None or not self._alive(entry):
-                out[pos - start] = EVICTED if entry is not None else NOT_WRITTEN
-            elif self._valid[entry[0], o].any():
-                out[pos - start] = PRESENT
-            elif self._lost[entry[0], o]:
-                out[pos - start] = EVICTED
+        j0, j1 = start // P, -(-end // P)
+        slots, alive, raw = self._entries(req, j0, j1)
+        pool = self.pool
+        code = np.full((j1 - j0, P), NOT_WRITTEN, np.int8)
+        present = pool.valid[slots].any(-1) & alive[:, None]
+        lost = pool.lost[slots] & alive[:, None]
+        code[lost] = EVICTED
+        code[present] = PRESENT
+        code[(~alive & ((raw >= 0) | (raw == _LOST)))] = EVICTED
+        code[raw == _WAIT] = PENDING
+        out = code.reshape(-1)[start - j0 * P:end - j0 * P].copy()
+        out[max(0, length - start):] = NOT_WRITTEN
         return out
 
     def take(self, request: Hashable, start: int = 0, end: int | None = None, *,
              token_ids: np.ndarray | None = None, request_id: str | None = None,
-             prompt_len: int | None = None, extra: dict[str, Any] | None = None
-             ) -> RoutingTrace:
+             prompt_len: int | None = None, offset: int = 0,
+             extra: dict[str, Any] | None = None) -> RoutingTrace:
         """The request's routes for positions ``[start, end)`` as a trace (one copy).
 
         ``end`` defaults to the request's length: prompt plus generated tokens minus the last,
-        when the engine writes the rows of every forward. Positions whose block was evicted, or
-        that were never written, are missing. ``token_ids`` (``[end - start]``) travel along.
+        when the engine writes the rows of every forward. Positions whose block was evicted,
+        that were never written, or that wait on a hash not published, are missing.
+        ``token_ids`` (``[end - start]``) travel along. ``offset``: stored position ``p`` is
+        position ``p - offset`` of the trace (a binding that stores rows by KV-cache column passes
+        the column of position 0).
         """
         req = self._get(request)
-        end = req.length if end is None else end
-        if not 0 <= start <= end:
-            raise StoreError(f"take({request!r}): expected 0 <= start <= end, got {start}, {end}")
+        length = int(self._len[req.slot])
+        end = length if end is None else end
+        if not (_is_int(start) and _is_int(end) and _is_int(offset) and 0 <= start <= end
+                and offset <= start):
+            raise StoreError(f"take({request!r}): expected 0 <= start <= end and offset <= start,"
+                             f" got {start!r}, {end!r}, offset {offset!r}")
         P, L, K = self.block_size, self.num_layers, self.top_k
         T = end - start
-        j0, j1 = start // P, -(-end // P)
-        slots = np.zeros(max(0, j1 - j0), np.int64)
-        alive = np.zeros(max(0, j1 - j0), np.bool_)
-        for j in range(j0, j1):
-            entry = req.table[j] if j < len(req.table) else None
-            if entry is not None and self._alive(entry):
-                slots[j - j0] = entry[0]
-                alive[j - j0] = True
-                self._touch(entry[0])
-        o = start - j0 * P
-        ids = self._ids[slots].reshape(-1, L, K)[o:o + T]  # the one gather copy
-        valid = (self._valid[slots] & alive[:, None, None]).reshape(-1, L)[o:o + T]
-        if end > req.length:
-            valid[max(0, req.length - start):] = False
-        missing = ~valid
-        if missing.any():
-            ids[missing] = 0
-        else:
-            missing = None
         tok = None
         if token_ids is not None:
-            tok = np.asarray(token_ids, dtype=np.int32)
-            if tok.shape != (T,):
-                raise StoreError(f"take({request!r}): expected {T} token ids, got {tok.shape}")
-        return RoutingTrace(expert_ids=ids, missing=missing, num_experts=self.num_experts,
-                            moe_layers=self.moe_layers,
-                            request_id=str(request) if request_id is None else request_id,
-                            prompt_len=req.prompt_len if prompt_len is None else prompt_len,
-                            start=start, model=self.model,
-                            token_ids=tok, extra=extra or {})
+            tok = np.asarray(token_ids)
+            if tok.shape != (T,) or not np.issubdtype(tok.dtype, np.integer):
+                raise StoreError(f"take({request!r}): expected {T} integer token ids, got "
+                                 f"{tok.dtype} {tok.shape}")
+            tok = tok.astype(np.int32)
+        j0, j1 = start // P, -(-end // P)
+        slots, alive, _ = self._entries(req, j0, j1)
+        pool = self.pool
+        pool.last_use[slots[alive]] = pool.tick()
+        o = start - j0 * P
+        ids = pool.ids[slots].reshape(-1, L, K)[o:o + T]  # the one gather copy
+        valid = pool.valid[slots]
+        if not alive.all():
+            valid &= alive[:, None, None]
+        valid = valid.reshape(-1, L)[o:o + T]
+        if end > length:
+            valid[max(0, length - start):] = False
+        missing = None
+        if not valid.all():
+            missing = ~valid
+            ids[missing] = 0
+        # every stored row was checked on the way in (ids in range, distinct): no second scan
+        return _trusted_trace(
+            expert_ids=ids, missing=missing, num_experts=self.num_experts,
+            moe_layers=self.moe_layers, request_id=str(request) if request_id is None else request_id,
+            prompt_len=req.prompt_len if prompt_len is None else prompt_len, start=start - offset,
+            model=self.model, token_ids=tok, extra=extra or {})
+
+    # ---- checks -------------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the bookkeeping is inconsistent (for tests and simulators)."""
+        pool, P = self.pool, self.block_size
+        expected = np.zeros(pool.num_blocks, np.int64)
+        table_bytes = 0
+        slots = set()
+        waits = 0
+        for key, req in self._reqs.items():
+            assert req.slot not in slots, f"slot {req.slot} used twice"
+            slots.add(req.slot)
+            table_bytes += (_REQUEST_BYTES + req.capacity * _ENTRY_BYTES
+                            + _WAIT_BYTES * len(req.waits))
+            length = int(self._len[req.slot])
+            assert req.nblocks <= -(-length // P), (key, length, req.nblocks)
+            b = req.blocks[:req.nblocks]
+            g = req.gens[:req.nblocks]
+            real = b >= 0
+            alive = real.copy()
+            alive[real] = pool.gen[b[real]] == g[real]
+            np.add.at(expected, b[alive], 1)
+            assert (req.blocks[req.nblocks:] == _GAP).all(), f"{key!r}: entries past the table"
+            waiting = set(np.flatnonzero(b == _WAIT).tolist())
+            assert waiting == set(req.waits), f"{key!r}: waits {sorted(req.waits)} vs {waiting}"
+            for h in req.waits.values():
+                assert req.slot in self._waiting.get(h, {}), f"{key!r} waits on {h!r} unlisted"
+                assert h not in pool.by_hash, f"{key!r} waits on published {h!r}"
+            waits += len(req.waits)
+            # rows at or past the length of an alive private tail block are invalid
+            j, o = divmod(length, P)
+            if o and j < req.nblocks and alive[j] and pool.private(int(b[j])):
+                assert not pool.valid[b[j], o:].any(), f"{key!r}: valid rows past the length"
+            tb = int(self._tail_b[req.slot])
+            if tb >= 0:
+                assert o and j < req.nblocks and tb == b[j] and self._tail_g[req.slot] == g[j], \
+                    f"{key!r}: stale tail cache"
+            assert req.published <= length // P, f"{key!r}: published past the full blocks"
+        for h, waiters in self._waiting.items():
+            for slot, req in waiters.items():
+                assert self._reqs.get(req.key) is req and req.slot == slot, "a stale waiter"
+                assert h in req.waits.values(), f"listed waiter does not wait on {h!r}"
+        assert table_bytes == self._table_bytes, (table_bytes, self._table_bytes)
+        assert pool.limit == self._limit_for(table_bytes), (pool.limit, table_bytes)
+        assert self.nbytes <= self.budget_bytes, (self.nbytes, self.budget_bytes)
+        pool.check_invariants(expected)
+
+
+def _capacity_for(n: int) -> int:
+    c = 4
+    while c < n:
+        c *= 2
+    return c
+
+
+def _int_array(where: str, name: str, values: Sequence[Any]) -> np.ndarray:
+    if set(map(type, values)) <= {int}:  # the common case, without numpy's type inference
+        return np.fromiter(values, np.int64, len(values))
+    arr = np.asarray(values)
+    if arr.size and (arr.dtype.kind not in "iu" or arr.ndim != 1):
+        bad = next((v for v in values if not _is_int(v)), values[0])
+        raise StoreError(f"{where}: expected {name} of every segment to be an int, got {bad!r}")
+    return arr.astype(np.int64, copy=False).reshape(-1) if arr.size else np.zeros(0, np.int64)
+
+
+def _raise_position(where: str, request: Hashable, length: int, start: int) -> None:
+    if start < length:
+        raise StoreError(
+            f"{where}: positions going backwards: the write starts at {start} but request "
+            f"{request!r} already has {length} positions; call truncate({request!r}, "
+            f"{start}) first to drop rejected rows, restart() after a preemption, or pass "
+            "seek=True")
+    raise StoreError(f"{where}: a gap: the write starts at {start} but request {request!r} has "
+                     f"{length} positions (expected {length}, or pass seek=True)")
+
+
+def _trusted_trace(**fields: Any) -> RoutingTrace:
+    make = getattr(RoutingTrace, "from_verified", None)
+    if make is None:  # before the trusted constructor landed: the full check
+        return RoutingTrace(**fields)
+    return make(**fields)

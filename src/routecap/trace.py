@@ -172,6 +172,49 @@ class RoutingTrace:
             **kwargs,
         )
 
+    @classmethod
+    def from_verified(
+        cls,
+        *,
+        expert_ids: np.ndarray,
+        num_experts: int,
+        moe_layers: Any,
+        request_id: str,
+        prompt_len: int,
+        start: int = 0,
+        model: str = "",
+        missing: np.ndarray | None = None,
+        token_ids: np.ndarray | None = None,
+        topk_order: str = "router",
+        extra: dict[str, Any] | None = None,
+    ) -> RoutingTrace:
+        """The trusted constructor: a trace over arrays whose contents the caller has verified.
+
+        For readers of bytes that were checked on the way in (the wire decoder checks every row
+        while it decodes; the file reader checks CRC-32s, or was told not to read the data), so
+        the ids are not scanned a second time. Every rule that does not read the arrays' contents
+        is still checked (metadata, shapes, dtypes), raising :class:`TraceValidationError`; what
+        is trusted, and must hold, is: ids in ``[0, num_experts)``, K distinct ids per row,
+        ascending where ``topk_order="sorted"``, and 0 under the ``missing`` mask. Anything else
+        builds traces with :meth:`from_ids` or the constructor, which check everything.
+        ``moe_layers`` becomes a tuple and an all-False ``missing`` becomes ``None``, as in the
+        constructor. The arrays are used as given (no copy: read-only views stay read-only).
+        """
+        t = object.__new__(cls)
+        for name, value in (
+            ("expert_ids", expert_ids), ("num_experts", num_experts),
+            ("moe_layers", tuple(moe_layers) if isinstance(moe_layers, (list, tuple)) else moe_layers),
+            ("request_id", request_id), ("prompt_len", prompt_len), ("start", start),
+            ("model", model), ("missing", missing), ("token_ids", token_ids),
+            ("topk_order", topk_order), ("format_version", FORMAT_VERSION),
+            ("extra", {} if extra is None else extra),
+        ):
+            object.__setattr__(t, name, value)
+        _validate_metadata(t)
+        if t.missing is not None and not t.missing.any():
+            object.__setattr__(t, "missing", None)  # "nothing missing" has one spelling
+        return t
+
     # ---- shape --------------------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:
@@ -291,9 +334,14 @@ def validate_trace(trace: RoutingTrace) -> None:
     """Check every rule of the contract; raise :class:`TraceValidationError` on the first broken one.
 
     This is the one place where traces are validated: construction, file loading and decoding
-    all call it.
+    all call it (:meth:`RoutingTrace.from_verified` runs its metadata half only).
     """
-    t = trace
+    _validate_metadata(trace)
+    _validate_ids(trace)
+
+
+def _validate_metadata(t: RoutingTrace) -> None:
+    """Every rule that does not read the arrays' contents: fields, shapes, dtypes."""
     if not _is_int(t.format_version) or t.format_version != FORMAT_VERSION:
         raise TraceValidationError(
             "format_version", f"{FORMAT_VERSION}", t.format_version,
@@ -350,6 +398,19 @@ def validate_trace(trace: RoutingTrace) -> None:
                 "token_ids", f"None or an int32 array of shape {(T,)}",
                 f"{getattr(tok, 'dtype', type(tok).__name__)} {getattr(tok, 'shape', '')}",
             )
+    try:
+        json.dumps(t.extra)
+    except (TypeError, ValueError) as e:
+        raise TraceValidationError("extra", "a JSON-serialisable dict", f"{e}") from None
+    if not isinstance(t.extra, dict):
+        raise TraceValidationError("extra", "a dict", type(t.extra).__name__)
+
+
+def _validate_ids(t: RoutingTrace) -> None:
+    """The rules on the ids themselves (one pass over the data); metadata already checked."""
+    dtype = t.expert_ids.dtype
+    ids = t.expert_ids
+    T, L, K = ids.shape
     if T and t.num_experts < (1 << (dtype.itemsize * 8)):
         hi = int(ids.max())
         if hi >= t.num_experts:
@@ -374,9 +435,3 @@ def validate_trace(trace: RoutingTrace) -> None:
         if (np.diff(ids.astype(np.int32), axis=-1) < 0).any():
             raise TraceValidationError("expert_ids", "ascending ids within each row (topk_order="
                                        "'sorted')", "a row out of order")
-    try:
-        json.dumps(t.extra)
-    except (TypeError, ValueError) as e:
-        raise TraceValidationError("extra", "a JSON-serialisable dict", f"{e}") from None
-    if not isinstance(t.extra, dict):
-        raise TraceValidationError("extra", "a dict", type(t.extra).__name__)

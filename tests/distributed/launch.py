@@ -1,19 +1,30 @@
-"""Run a test script as W ranks (routecap.launch); raise with every rank's output on failure."""
+"""Run a test script as W ranks through torch's launcher (``python -m torch.distributed.run``,
+i.e. torchrun); raise with every rank's output on failure."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
-
-from routecap.launch import launch
 
 
 def run_ranks(script: Path | str, args: list[str], world: int, *, timeout: float = 300,
-              env: dict[str, str] | None = None):
-    outs = launch([sys.executable, str(script), *args], world, timeout=timeout, capture=True,
-                  env=env)
-    if any(o.returncode != 0 for o in outs):
-        report = "\n".join(f"--- rank {r} (exit {o.returncode}) ---\n{o.stdout[-3000:]}"
-                           for r, o in enumerate(outs))
-        raise AssertionError(f"a rank failed:\n{report}")
+              env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+    """One CompletedProcess per rank (its stdout+stderr), as torchrun's --redirects wrote them."""
+    with tempfile.TemporaryDirectory(prefix="routecap-ranks-") as logs:
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", str(world), "--redirects", "3", "--log-dir", logs,
+                "--max-restarts", "0", str(script), *args]
+        e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=e)
+        outs = []
+        for rank in range(world):
+            text = "".join(p.read_text(errors="replace") for p in
+                           sorted(Path(logs).glob(f"**/attempt_0/{rank}/std*.log")))
+            outs.append(subprocess.CompletedProcess(argv, r.returncode, text, ""))
+    if r.returncode != 0:
+        report = "\n".join(f"--- rank {k} ---\n{o.stdout[-3000:]}" for k, o in enumerate(outs))
+        raise AssertionError(f"torchrun exited {r.returncode}:\n{r.stderr[-3000:]}\n{report}")
     return outs

@@ -15,8 +15,7 @@ then turns columns into request positions using the left padding of the prompt b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,6 @@ from torch import nn
 
 from ..capturer import CaptureSpec, StepCapturer, StepSnapshot
 from ..store import RouteStore
-from ..trace import id_dtype_for
 from ..trace import RoutingTrace
 from .hf_dispatch import MoEDispatch, ParallelConfig
 from .hf_routers import (
@@ -85,7 +83,7 @@ class HFRouteCapture:
 
     def __init__(self, model: nn.Module, *, strict: bool = True, max_tokens: int = 4096,
                  info: MoEModelInfo | None = None, parallel: ParallelConfig | None = None,
-                 store: RouteStore | None = None) -> None:
+                 store: RouteStore | None = None, rows_budget_bytes: int = 256 << 20) -> None:
         self.model = model
         self.info = info or find_moe_routers(model)
         self.strict = strict
@@ -97,9 +95,12 @@ class HFRouteCapture:
         if device.type == "meta":
             raise UnsupportedModelError("the model's router weights are on the meta device; load "
                                         "the weights before capturing")
-        # the rows of the current generate call, by (batch row, KV cache column)
-        self.rows = _ColumnStore(num_layers=spec.num_layers, top_k=spec.top_k,
-                                 num_experts=spec.num_experts)
+        # the rows of the current generate call, by (batch row, KV cache column): a write at
+        # column c declares that the row's cache holds exactly c columns (seek), so rows of a
+        # cropped or restarted cache never survive, and columns never written read as missing
+        self.rows = RouteStore(num_experts=info.num_experts, moe_layers=info.moe_layers,
+                               top_k=info.top_k, model=info.model_name,
+                               budget_bytes=rows_budget_bytes)
         self._first_column: dict[int, int] = {}
         #: Optional persistent store: collect() moves each request's rows into it under its
         #: request id, so a later turn that reuses the KV cache gets the earlier turns' routes.
@@ -126,13 +127,11 @@ class HFRouteCapture:
     def __enter__(self) -> HFRouteCapture:
         if self._handles:
             raise RuntimeError("HFRouteCapture is already active")
-        cap = self.capturer
-        for index, site in enumerate(self.info.sites):
-            self._handles.append(site.module.register_forward_hook(self._router_hook(index, site)))
+        # a forward hook per router, or a top-k reader for routers whose output holds no ids
+        self._handles.extend(attach_router_hooks(self.info, self.capturer.capture))
         step = self.info.step_module
         self._handles.append(step.register_forward_pre_hook(self._pre_step, with_kwargs=True))
         self._handles.append(step.register_forward_hook(self._post_step))
-        del cap
         if self.dispatch is not None:
             self.dispatch.install()
         return self
@@ -154,9 +153,6 @@ class HFRouteCapture:
             self.dispatch.remove()
         if self.capturer.in_step:
             self.capturer.abort_step()
-
-    def _router_hook(self, index: int, site: RouterSite) -> Callable[..., None]:
-        return router_hook(site, index, self.capturer.capture)
 
     def _pre_step(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cap = self.capturer
@@ -186,13 +182,15 @@ class HFRouteCapture:
     def _ingest(self, snap: StepSnapshot) -> None:
         tag: StepTag = snap.tag
         S = tag.seq
-        ids = snap.expert_ids_NLK
-        valid = snap.valid_NL
         offset = tag.offset
+        rows = self.rows
         for b in range(tag.batch):
-            self.rows.write(b, offset, ids[b * S:(b + 1) * S], valid[b * S:(b + 1) * S])
+            if b not in rows:
+                rows.add_request(b, prompt_len=0)
             first = self._first_column.get(b)
             self._first_column[b] = offset if first is None else min(first, offset)
+        rows.ingest(snap.expert_ids_NLK, snap.valid_NL,
+                    [(b, offset, b * S, S) for b in range(tag.batch)], seek=True)
 
     # ---- results ------------------------------------------------------------------------------
     def collect(
@@ -287,15 +285,15 @@ class HFRouteCapture:
                 traces.append(self.store.take(rid, s0, T, token_ids=tokens, prompt_len=P,
                                               extra=ex))
                 continue
-            if b in self.rows:
-                ids, missing = self.rows.take(b, c0 + s0, c0 + T)
-            else:
-                ids = np.zeros((T - s0, len(info.sites), info.top_k), self.rows.dtype)
-                missing = np.ones((T - s0, len(info.sites)), np.bool_)
+            if b in self.rows:  # re-keyed: batch row b at column c0 + p is rid's position p
+                traces.append(self.rows.take(b, c0 + s0, c0 + T, offset=c0, request_id=rid,
+                                             prompt_len=P, token_ids=tokens, extra=ex))
+                continue
             traces.append(RoutingTrace(
-                expert_ids=ids, missing=missing, num_experts=info.num_experts,
-                moe_layers=info.moe_layers, request_id=rid, prompt_len=P,
-                start=s0, model=info.model_name, token_ids=tokens, extra=ex,
+                expert_ids=np.zeros((T - s0, len(info.sites), info.top_k), self.rows.dtype),
+                missing=np.ones((T - s0, len(info.sites)), np.bool_),
+                num_experts=info.num_experts, moe_layers=info.moe_layers, request_id=rid,
+                prompt_len=P, start=s0, model=info.model_name, token_ids=tokens, extra=ex,
             ))
         return traces
 
@@ -319,144 +317,8 @@ class HFRouteCapture:
         elif p0 < store.length(rid):
             store.truncate(rid, p0)  # recomputed: this call's rows replace the stored tail
         if T > p0:
-            ids, missing = self.rows.take(b, c0 + p0, c0 + T)
-            store.write(rid, p0, ids, None if missing is None else ~missing)
-
-
-@dataclass
-class _Rows:
-    ids_TLK: np.ndarray
-    valid_TL: np.ndarray
-    length: int = 0  # one past the highest position written
-
-
-class _ColumnStore:
-    """The rows of one ``generate`` call, by (batch row, KV cache column).
-
-    Writing at column ``c`` declares that the row's KV cache holds exactly ``c`` columns: every
-    row at or after ``c`` from an earlier write is dropped first (a cache that was cropped or
-    restarted), so a stale route never survives. Columns never written are missing.
-    """
-
-    def __init__(self, *, num_layers: int, top_k: int, num_experts: int, initial_rows: int = 64):
-        self.num_layers = num_layers
-        self.top_k = top_k
-        self.num_experts = num_experts
-        self.dtype = id_dtype_for(num_experts)
-        self._initial = max(1, initial_rows)
-        self._rows: dict[Hashable, _Rows] = {}
-
-    def __contains__(self, request: Hashable) -> bool:
-        return request in self._rows
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def requests(self) -> list[Hashable]:
-        return list(self._rows)
-
-    def length(self, request: Hashable) -> int:
-        """One past the highest position written for ``request``."""
-        return self._get(request).length
-
-    @property
-    def nbytes(self) -> int:
-        return sum(r.ids_TLK.nbytes + r.valid_TL.nbytes for r in self._rows.values())
-
-    def _get(self, request: Hashable) -> _Rows:
-        try:
-            return self._rows[request]
-        except KeyError:
-            raise ValueError(f"unknown request {request!r}; the store holds {len(self._rows)} "
-                             "requests") from None
-
-    def write(
-        self,
-        request: Hashable,
-        start: int,
-        ids_TLK: np.ndarray,
-        valid_TL: np.ndarray | None = None,
-    ) -> None:
-        """Store rows for positions ``[start, start + T)``; drops any row at or after ``start``."""
-        L, K = self.num_layers, self.top_k
-        if ids_TLK.ndim != 3 or ids_TLK.shape[1:] != (L, K):
-            raise ValueError(
-                f"write({request!r}): expected rows of shape [T, L={L}, K={K}], got "
-                f"{tuple(ids_TLK.shape)}"
-            )
-        if ids_TLK.dtype != self.dtype:
-            raise ValueError(f"write({request!r}): expected dtype {self.dtype}, got {ids_TLK.dtype}")
-        if start < 0:
-            raise ValueError(f"write({request!r}): expected start >= 0, got {start}")
-        T = ids_TLK.shape[0]
-        if valid_TL is not None and valid_TL.shape != (T, L):
-            raise ValueError(
-                f"write({request!r}): expected valid mask of shape {(T, L)}, got {valid_TL.shape}"
-            )
-        rows = self._rows.get(request)
-        end = start + T
-        if rows is None:
-            cap = max(self._initial, end)
-            rows = _Rows(np.zeros((cap, L, K), self.dtype), np.zeros((cap, L), np.bool_))
-            self._rows[request] = rows
-        elif end > rows.ids_TLK.shape[0]:
-            cap = max(end, 2 * rows.ids_TLK.shape[0])
-            ids = np.zeros((cap, L, K), self.dtype)
-            valid = np.zeros((cap, L), np.bool_)
-            ids[: rows.length] = rows.ids_TLK[: rows.length]
-            valid[: rows.length] = rows.valid_TL[: rows.length]
-            rows.ids_TLK, rows.valid_TL = ids, valid
-        if start < rows.length:
-            rows.valid_TL[start : rows.length] = False  # the timeline restarts at `start`
-        elif start > rows.length:
-            rows.valid_TL[rows.length : start] = False  # a gap: never written, so missing
-        rows.ids_TLK[start:end] = ids_TLK
-        if valid_TL is None:
-            rows.valid_TL[start:end] = True
-        else:
-            rows.valid_TL[start:end] = valid_TL
-        rows.length = end
-
-    def truncate(self, request: Hashable, length: int) -> None:
-        """Forget every position at or after ``length``."""
-        rows = self._get(request)
-        if length < 0:
-            raise ValueError(f"truncate({request!r}): expected length >= 0, got {length}")
-        if length < rows.length:
-            rows.valid_TL[length : rows.length] = False
-            rows.length = length
-
-    def take(
-        self, request: Hashable, start: int = 0, end: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Rows of positions ``[start, end)`` (one copy) and their missing mask (None if complete).
-
-        Positions past the last one written are missing.
-        """
-        rows = self._get(request)
-        end = rows.length if end is None else end
-        if not 0 <= start <= end:
-            raise ValueError(f"take({request!r}): expected 0 <= start <= end, got {start}, {end}")
-        T = end - start
-        have = max(0, min(end, rows.length) - start)
-        ids = np.zeros((T, self.num_layers, self.top_k), self.dtype)
-        valid = np.zeros((T, self.num_layers), np.bool_)
-        if have:
-            ids[:have] = rows.ids_TLK[start : start + have]
-            valid[:have] = rows.valid_TL[start : start + have]
-        missing = ~valid
-        if missing.any():
-            ids[missing] = 0
-            return ids, missing
-        return ids, None
-
-    def free(self, request: Hashable) -> None:
-        """Drop every row of ``request``."""
-        self._get(request)
-        del self._rows[request]
-
-    def clear(self) -> None:
-        self._rows.clear()
+            rows = self.rows.take(b, c0 + p0, c0 + T)
+            store.write(rid, p0, rows.expert_ids, None if rows.missing is None else ~rows.missing)
 
 
 def _to_numpy(x: Any) -> np.ndarray:

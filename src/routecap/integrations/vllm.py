@@ -10,15 +10,19 @@ the modular-kernel path, where the router sees only the local tokens. :func:`reg
 capturer's *behaviour*, not its version string: if a local-layout call fails the way the seed
 bug does, it replaces ``capture`` with routecap's layout logic (gathered, padded and local rows;
 a clear error naming every size otherwise; ``ROUTECAP_VLLM_LENIENT=1`` marks the rank's rows of
-that layer missing with -1 instead), and logs once what it did. On any other vLLM it does
-nothing and says so at debug level. It never lets an exception escape into vLLM's start-up.
+that layer missing with -1 instead), and logs once what it did. It also makes rows that no capture
+wrote read -1 (the buffer is filled with -1 at start-up and after every step's save), where vLLM
+leaves 0 or the previous step's routes: with K = 1 a zero row is a valid-looking expert 0. On any
+other vLLM it does nothing and says so at debug level (``ROUTECAP_VLLM_FILL_MISSING=1`` opts into
+the -1 fill there). It never lets an exception escape into vLLM's start-up.
 
 **The adapters.** vLLM returns ``CompletionOutput.routed_experts`` as int32 ``[T, A, K]`` over
 *all* decoder layers, dense layers as zero rows that look like expert 0; later vLLM's
 OpenAI server returns base64 of an ``.npy`` file. :func:`from_vllm` keeps the MoE layers only
 (checking that the others are zero), marks rows that cannot be routes as missing (all-zero rows
 with K > 1, which a skipped capture leaves, and -1 rows), and :func:`to_vllm` gives the exact
-array back.
+array back (also when one array holds both kinds). With K = 1 a zero row cannot be told from expert
+0 by the adapter: only the plugin's -1 fill makes such rows recognisable.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ..capturer import copy_segments
 from ..layout import LayoutError, RankView, infer_layout
 from ..trace import RoutingTrace
 
@@ -113,7 +118,7 @@ def _routecap_capture(self: Any, layer_id: int, topk_ids: Any) -> None:
     ctx = rec.get_forward_context()
     dp = getattr(ctx, "dp_metadata", None)
     if dp is None:
-        segments, count = ((0, n),), n
+        segments = ((0, n),)
     else:
         # NOTE: a CPU tensor (vLLM keeps the counts on the host): no device sync
         counts = [int(c) for c in dp.num_tokens_across_dp_cpu.tolist()]
@@ -131,13 +136,41 @@ def _routecap_capture(self: Any, layer_id: int, topk_ids: Any) -> None:
                 return
             raise RoutecapVLLMError(f"routecap: vLLM routed-experts capture, layer {layer_id}: "
                                     f"{e}") from None
-        segments, count = plan.segments, plan.num_tokens
-    dst = 0
-    for start, length in segments:
-        if length:
-            buf[dst:dst + length, layer_id, :] = topk_ids[start:start + length, :]
-        dst += length
-    del count
+        segments = plan.segments
+    copy_segments(buf[:, layer_id, :], topk_ids, segments)
+
+
+# NOTE: vLLM's buffer starts as zeros and is only overwritten by capture(): the rows of a layer that
+# did not capture in a step (a kernel path without the hook) keep the previous step's routes, or 0,
+# which with K = 1 is a valid-looking expert 0. Where routecap owns capture (the patched versions),
+# it also makes "not captured" explicit: -1 in the buffer at start-up and after every step's save.
+def _fill_missing(self: Any) -> None:
+    if getattr(self, "_device_buffer", None) is not None:
+        self._device_buffer.fill_(-1)
+
+
+def _wrap_fill(cls: Any) -> None:
+    init, save = cls.init_buffer, cls.save_captured_experts
+
+    def init_buffer(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        _fill_missing(self)
+        host = getattr(self, "_host_buffer_view", None)
+        if host is not None:
+            host.fill(-1)
+
+    def save_captured_experts(self: Any, *args: Any, **kwargs: Any) -> None:
+        save(self, *args, **kwargs)
+        _fill_missing(self)  # one fill kernel per step, outside the graphed forward
+
+    cls.init_buffer = init_buffer
+    cls.save_captured_experts = save_captured_experts
+    cls.clear_buffer = _fill_missing
+
+
+def _fillable(cls: Any) -> bool:
+    return all(callable(getattr(cls, m, None))
+               for m in ("init_buffer", "save_captured_experts", "clear_buffer"))
 
 
 def register() -> None:
@@ -168,17 +201,28 @@ def _install() -> dict[str, Any]:
         return {"loaded": True, "patched": True, "vllm": version,
                 "reason": "already patched in this process"}
     bug = has_seed_bug(rec)
+    opt_in = os.environ.get("ROUTECAP_VLLM_FILL_MISSING") == "1"
     if bug is not True:
         why = ("its capture() already handles local-layout rows" if bug is False
                else "its capturer has an interface routecap does not know")
+        if bug is False and opt_in and _fillable(cls):
+            _wrap_fill(cls)
+            setattr(cls, _MARKER, True)
+            logger.info("routecap plugin: vLLM %s: rows not captured read -1 "
+                        "(ROUTECAP_VLLM_FILL_MISSING=1)", version)
+            return {"loaded": True, "patched": True, "vllm": version, "fills_missing": True,
+                    "reason": why + "; uncaptured rows read -1 (ROUTECAP_VLLM_FILL_MISSING=1)"}
         logger.debug("routecap plugin: vLLM %s left unchanged: %s", version, why)
         return {"loaded": True, "patched": False, "vllm": version, "reason": why}
     cls.capture = _routecap_capture
+    fills = _fillable(cls)
+    if fills:
+        _wrap_fill(cls)
     setattr(cls, _MARKER, True)
     logger.info("routecap plugin: vLLM %s: replaced RoutedExpertsCapturer.capture, which asserts "
                 "that the router saw every data-parallel rank's tokens, with routecap's layout "
                 "logic (gathered, padded and local rows; a clear error otherwise)", version)
-    return {"loaded": True, "patched": True, "vllm": version,
+    return {"loaded": True, "patched": True, "vllm": version, "fills_missing": fills,
             "reason": "the installed capture() asserts on local-layout rows (the DP>1 "
                       "modular-kernel crash)"}
 
@@ -232,7 +276,10 @@ def from_vllm(routed_experts: np.ndarray, *, moe_layers: Sequence[int], num_expe
     missing = neg | zero
     fill = -1 if neg.any() and not zero.any() else 0
     tok = None if token_ids is None else np.asarray(token_ids, np.int32)
-    extra = {"vllm": {"num_layers": A, "dtype": a.dtype.str, "missing_fill": fill}}
+    extra: dict[str, Any] = {"vllm": {"num_layers": A, "dtype": a.dtype.str, "missing_fill": fill}}
+    if neg.any() and zero.any():
+        # both kinds in one array: remember which missing cells were -1, so to_vllm gives it back
+        extra["vllm"]["minus_one_cells"] = np.argwhere(neg).tolist()
     return RoutingTrace.from_ids(ids, num_experts=num_experts, moe_layers=layers,
                                  request_id=request_id, prompt_len=prompt_len, start=start,
                                  model=model, missing=missing if missing.any() else None,
@@ -284,6 +331,14 @@ def to_vllm(trace: RoutingTrace, *, num_layers: int | None = None,
         raise ValueError(f"to_vllm: MoE layer {trace.moe_layers[-1]} does not fit {A} layers")
     out = np.zeros((trace.num_tokens, A, trace.top_k), dt)
     ids = trace.to_numpy(fill=int(rec.get("missing_fill", 0)))
+    cells = rec.get("minus_one_cells")
+    if cells:
+        tl = np.asarray(cells, dtype=np.int64).reshape(-1, 2)
+        inside = (tl[:, 0] < trace.num_tokens) & (tl[:, 1] < trace.num_layers)
+        tl = tl[inside]
+        if trace.missing is not None:
+            tl = tl[trace.missing[tl[:, 0], tl[:, 1]]]  # only cells still missing
+            ids[tl[:, 0], tl[:, 1]] = -1
     out[:, list(trace.moe_layers)] = ids.astype(dt)
     return out
 

@@ -1,0 +1,91 @@
+"""`routecap capture --nproc N` through torch's launcher: every run exits 0 and reads back equal
+to one process (the teardown race that once ended a run with `terminate called without an active
+exception`, ranks exited with codes [-15, -6], must not come back)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from routecap.files import open_traces
+
+ROOT = Path(__file__).resolve().parents[2]
+# as cheap as a real run gets: the tiny model, one short prompt per rank, one new token
+ARGS = ["capture", "--model", "builtin:tiny-qwen3-moe", "--max-new-tokens", "1",
+        "--batch-size", "1"]
+
+
+def _capture(*args):
+    return subprocess.run([sys.executable, "-m", "routecap", *ARGS, *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def _one_process(tmp_path, prompts):
+    from typer.testing import CliRunner
+
+    from routecap.cli import app
+
+    r = CliRunner().invoke(app, [*ARGS, "--prompts", str(prompts), "--out", str(tmp_path / "one")])
+    assert r.exit_code == 0, r.stderr
+    return {t.request_id: t for t in open_traces(tmp_path / "one")}
+
+
+def _equal_to_one(out, one, nproc):
+    dp = open_traces(out)
+    assert dp.complete and sorted(dp.request_ids()) == sorted(one)
+    assert sorted(p.name for p in dp.shards) == [
+        f"rank{r:05d}-{dp.run_id}-00000.safetensors" for r in range(nproc)]
+    for t in dp:
+        assert t.extra["dp_rank"] == int(t.request_id) % nproc
+        assert dataclasses.replace(t, extra={}).equals(one[t.request_id]), t.request_id
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_nproc_runs_20_times_and_equals_one_process(tmp_path, nproc):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"p{i}\n" for i in range(nproc)))
+    one = _one_process(tmp_path, prompts)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    for i in range(20):
+        out = tmp_path / f"dp{i}"
+        r = _capture("--prompts", prompts, "--out", out, "--nproc", nproc)
+        assert r.returncode == 0, f"run {i}: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr}"
+        assert "terminate called" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert r.stdout.count(f"wrote {nproc} traces") == 1  # rank 0 reports
+        _equal_to_one(out, one, nproc)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    print(f"\n--nproc {nproc} x 20: {time.monotonic() - t0:.0f} s wall, {cpu:.0f} s CPU")
+
+
+@pytest.mark.distributed
+def test_overwrite_of_a_data_parallel_capture_leaves_no_rank_shard(tmp_path):
+    """`--overwrite` over a folder written by `--nproc 2` used to keep the old rank* shards, and
+    `show` served the stale traces."""
+    from typer.testing import CliRunner
+
+    from routecap.cli import app
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\nc\n")
+    out = tmp_path / "o"
+    r = _capture("--prompts", prompts, "--out", out, "--nproc", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(list(out.glob("rank*.safetensors"))) == 2
+    prompts.write_text("x\n")
+    r = CliRunner().invoke(app, [*ARGS, "--prompts", str(prompts), "--out", str(out),
+                                 "--overwrite"])
+    assert r.exit_code == 0, r.stderr
+    assert not list(out.glob("rank*"))
+    assert open_traces(out).request_ids() == ["0"]
+    assert json.loads((out / "summary.json").read_text())["num_requests"] == 1
