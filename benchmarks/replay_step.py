@@ -8,15 +8,20 @@ routecap's router hooks in a no-grad forward over the same batch, R2-style), so 
 send every token to the same experts and do the same expert work: the difference is replay's
 cost alone. They are given on the host, as ``routecap.align.batch_routes`` builds them.
 
-Two variants, interleaved in every repeat (their order alternates):
+Two variants, each timed two ways (below), all four interleaved in every repeat (their order
+alternates):
 
 * ``plain``   ``loss = CE(model(ids)); loss.backward()``
 * ``replay``  the same inside ``with replay(model, routes_BSLK):``
 
-Each step is timed with the host clock between device synchronisations (host work that does not
-overlap the device counts). Reported: min / median / max over the repeats, and the ratio of
-medians. ``--profile`` adds the top operators of one step of each variant by device time, to say
-where a difference goes.
+Timed with the host clock between device synchronisations, two ways: ``synced``, one step per
+synchronisation (host work before the forward, such as replay's checks of the routes, is fully
+exposed), and ``pipelined``, ``--chunk`` steps back to back and one synchronisation, as a training
+loop without per-step ``.item()`` runs (the next step's host work overlaps the queued device
+work). Reported: min / median / max over the repeats, the ratio of medians, and the host time
+of entering and leaving ``replay()`` alone (its checks of the routes and the installing of its
+taps, before the forward launches anything). ``--profile`` adds the
+top operators of one step of each variant by device time, to say where a difference goes.
 
 GPU (the device):  python benchmarks/replay_step.py [--repeats 20] [--batch 4 --seq 1024]
 CPU smoke test:    python benchmarks/replay_step.py --tiny --repeats 3
@@ -133,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--chunk", type=int, default=4,
+                    help="steps back to back per sync in the pipelined timing (1: synced only)")
     ap.add_argument("--profile", action="store_true", help="top operators of one step each")
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,14 +181,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stats_seen.append(stats)
 
     variants = {"plain": plain, "replay": replayed}
+    C = max(1, args.chunk)
+    # two timings of each variant, interleaved: one step between device synchronisations (host
+    # work before the forward is fully exposed), and C steps back to back with one
+    # synchronisation at the end, as a training loop runs (the next step's host work overlaps
+    # the device's queue); per-step time = chunk time / C
+    modes = {"synced": 1, "pipelined": C} if C > 1 else {"synced": 1}
     for _ in range(args.warmup):
         for fn in variants.values():
             fn()
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    keys = [(m, v) for m in modes for v in variants]
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
     for r in range(args.repeats):
-        order = list(variants) if r % 2 == 0 else list(reversed(variants))
-        for name in order:
-            times[name].append(timed(variants[name], sync))
+        for m, v in (keys if r % 2 == 0 else list(reversed(keys))):
+            fn, n = variants[v], modes[m]
+
+            def chunk(fn=fn, n=n) -> None:
+                for _ in range(n):
+                    fn()
+
+            times[(m, v)].append(timed(chunk, sync) / n)
     last = stats_seen[-1]
     L = len(find_moe_routers(model, probe=False).sites)
     assert last.fallback_cells == 0 and last.replayed_cells == B * S * L, last
@@ -191,12 +210,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{'tiny' if args.tiny else 'Qwen3-30B-A3B'} shape, {shape['num_hidden_layers']} layers "
           f"({L} MoE), top-{shape['num_experts_per_tok']} of {shape['num_experts']}, {dtype}; "
           f"batch {B} x {S} tokens; forward + backward; {args.repeats} interleaved repeats")
-    for k, v in times.items():
-        print(f"  {k:7s} min {min(v) * 1e3:9.2f}  median {med[k] * 1e3:9.2f}  "
-              f"max {max(v) * 1e3:9.2f} ms")
-    ratio = med["replay"] / med["plain"]
-    print(f"replay / plain (medians): {ratio:.4f}  ({(ratio - 1) * 100:+.2f}%, "
-          f"{(med['replay'] - med['plain']) * 1e3:+.2f} ms a step)")
+    ratios = {}
+    for m in modes:
+        label = "one step per sync" if m == "synced" else f"{modes[m]} steps per sync"
+        print(f"{m} ({label}), ms per step:")
+        for v in variants:
+            t = times[(m, v)]
+            print(f"  {v:7s} min {min(t) * 1e3:9.2f}  median {med[(m, v)] * 1e3:9.2f}  "
+                  f"max {max(t) * 1e3:9.2f}")
+        ratios[m] = med[(m, "replay")] / med[(m, "plain")]
+        print(f"  replay / plain (medians): {ratios[m]:.4f}  ({(ratios[m] - 1) * 100:+.2f}%, "
+              f"{(med[(m, 'replay')] - med[(m, 'plain')]) * 1e3:+.2f} ms a step)")
+    ratio = ratios["synced"]
+    plain_s = med[("synced", "plain")]
+
+    def setup_only() -> None:
+        with replay(model, routes):
+            pass
+
+    setup = statistics.median(timed(setup_only, sync) for _ in range(max(5, args.repeats)))
+    print(f"  of which entering and leaving replay() (host: route checks, taps): "
+          f"{setup * 1e3:.3f} ms ({setup / plain_s * 100:.2f}% of the plain step)")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -209,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 sync()
             print(f"--- {name}: top operators by {key}")
             print(prof.key_averages().table(sort_by=key, row_limit=12))
-    return {"median_s": med, "ratio": ratio, "layers": shape["num_hidden_layers"]}
+    return {"median_s": {f"{m}/{v}": t for (m, v), t in med.items()}, "ratio": ratio,
+            "ratios": ratios, "layers": shape["num_hidden_layers"], "setup_s": setup}
 
 
 if __name__ == "__main__":

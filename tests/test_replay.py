@@ -208,7 +208,7 @@ def test_duplicate_expert_in_a_cell_is_refused(moved):
     model, _, _, routes_BSLK, _ = moved
     routes = routes_BSLK.clone()
     routes[0, 1, 2, 1] = routes[0, 1, 2, 0]
-    with pytest.raises(ReplayError, match=r"position \(0, 1\), layer 2 name an expert twice"):
+    with pytest.raises(ReplayError, match=r"position \(0, 1\), layer 2 \(decoder layer \d+\) name an expert twice"):
         with replay(model, routes):
             pass
 
@@ -246,3 +246,31 @@ def test_one_replay_per_model_at_a_time_and_clean_exit(moved):
     got_BSLK, _ = _forward_ids(model, info, ids_BS)
     assert torch.equal(got_BSLK, live_BSLK)
     assert all("forward" not in s.module.__dict__ for s in info.sites)
+
+
+def test_router_lookup_is_reused_until_the_model_changes(moved, monkeypatch):
+    from routecap import replay as rp
+
+    model, _, _, routes_BSLK, _ = moved
+    calls = []
+    real = rp.find_moe_routers
+    monkeypatch.setattr(rp, "find_moe_routers", lambda m, **kw: calls.append(1) or real(m, **kw))
+    rp._SITES.pop(model, None)
+    for _ in range(3):
+        with replay(model, routes_BSLK):
+            pass
+    assert len(calls) == 1  # found once, reused
+    # a router swapped for another module: found again, never a stale tap on the old one
+    site = rp.replay_sites(model).sites[0]
+    parent_path, _, name = site.path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    old = getattr(parent, name)
+    import copy
+    setattr(parent, name, copy.deepcopy(old))
+    try:
+        with replay(model, routes_BSLK):
+            pass
+        assert len(calls) == 2
+        assert rp.replay_sites(model).sites[0].module is getattr(parent, name)
+    finally:
+        setattr(parent, name, old)

@@ -13,10 +13,13 @@ import train_inference_gap  # noqa: E402
 
 
 def test_replay_step_runs_tiny(capsys):
-    res = replay_step.main(["--tiny", "--repeats", "2", "--warmup", "1", "--device", "cpu"])
+    res = replay_step.main(["--tiny", "--repeats", "2", "--warmup", "1", "--chunk", "2",
+                            "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "replay / plain (medians)" in out
-    assert res["ratio"] > 0 and set(res["median_s"]) == {"plain", "replay"}
+    assert out.count("replay / plain (medians)") == 2  # synced and pipelined
+    assert set(res["median_s"]) == {"synced/plain", "synced/replay", "pipelined/plain",
+                                    "pipelined/replay"}
+    assert all(t > 0 for t in res["median_s"].values()) and res["setup_s"] > 0
 
 
 def test_train_inference_gap_runs_builtin(capsys):

@@ -57,11 +57,32 @@ def _train(tmp_path, replay: bool, trainer_cls=PerturbedRollout, **cfg):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return {r: _train(tmp_path_factory.mktemp(f"grpo{int(r)}"), r) for r in (True, False)}
+    """2 optimizer steps on one rollout (num_iterations=2): TRL then also runs its old-log-prob
+    forward, which must replay too. Counts the replay blocks each run opened."""
+    import routecap.replay
+
+    out = {}
+    for r in (True, False):
+        real, calls = routecap.replay.replay, []
+
+        def counting(*args, _real=real, _calls=calls, **kwargs):
+            _calls.append(torch.is_grad_enabled())
+            return _real(*args, **kwargs)
+
+        routecap.replay.replay = counting
+        try:
+            tr = _train(tmp_path_factory.mktemp(f"grpo{int(r)}"), r, num_iterations=2)
+        finally:
+            routecap.replay.replay = real
+        out[r] = (tr, calls)
+    return out
 
 
 def test_with_replay_the_loss_forward_uses_the_generation_routes_in_every_cell(runs):
-    h = runs[True].r3_history
+    tr, calls = runs[True]
+    # one old-log-prob forward (no grad) for the rollout, then the 2 loss forwards
+    assert calls == [False, True, True]
+    h = tr.r3_history
     assert len(h) == 2  # 2 GRPO steps, one loss forward each
     for rec in h:
         assert rec["cells"] > 0 and rec["replayed_cells"] == rec["cells"]  # every captured cell
@@ -69,11 +90,14 @@ def test_with_replay_the_loss_forward_uses_the_generation_routes_in_every_cell(r
 
 
 def test_without_replay_they_differ(runs):
-    h = runs[False].r3_history
+    tr, calls = runs[False]
+    assert calls == []
+    h = tr.r3_history
     assert sum(rec["route_differ_fraction"] for rec in h) > 0
     assert all(rec["replayed_cells"] == 0 for rec in h)
-    # the token-level gap shrinks under replay (same routes, only the router weights' numerics)
-    kl = {r: sum(rec["k3_kl"] for rec in runs[r].r3_history) for r in (True, False)}
+    # the token-level gap shrinks under replay (same routes, only the router weights' numerics);
+    # compared on the first loss forward, whose weights are still the rollout's
+    kl = {r: runs[r][0].r3_history[0]["k3_kl"] for r in (True, False)}
     assert kl[False] > kl[True]
 
 

@@ -15,6 +15,7 @@ Both paths write exactly the same bytes; tests/gpu checks the kernel against :fu
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -56,7 +57,12 @@ def _triton_kernel() -> Any:
 
 
 def fused_available(device: torch.device) -> bool:
-    """True where :func:`finish_cells` runs as one Triton kernel (CUDA with Triton installed)."""
+    """True where :func:`finish_cells` runs as one Triton kernel (CUDA with Triton installed).
+
+    ``ROUTECAP_FUSED_CAPTURE=0`` turns it off (plain torch ops), for comparisons.
+    """
+    if os.environ.get("ROUTECAP_FUSED_CAPTURE", "1") == "0":
+        return False
     return device.type == "cuda" and _triton_kernel() is not None
 
 

@@ -36,6 +36,7 @@ ids. Replay adds no collective.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -46,6 +47,7 @@ from torch import nn
 
 from .integrations.hf_routers import MoEModelInfo, UnsupportedModelError, find_moe_routers
 from .integrations.hf_topk import TopkTap, TopkTapError
+from .route_checks import BAD_PARTIAL, BAD_RANGE, check_routes
 
 __all__ = ["ReplayError", "ReplayStats", "replay", "replay_sites"]
 
@@ -87,13 +89,43 @@ class ReplayStats:
                 f"{len(self._ran)}/{len(self.moe_layers)})")
 
 
+# NOTE: a replay block is entered once per training forward; walking the model to find its
+# routers costs tens of milliseconds on a 48-layer model, so the result is kept per model and
+# reused while every router (and the decoder) is still the module found at its path.
+_SITES: weakref.WeakKeyDictionary[nn.Module, tuple[int, MoEModelInfo]] = weakref.WeakKeyDictionary()
+
+
+def _module_count(model: nn.Module) -> int:
+    return sum(1 for _ in model.modules())
+
+
+def _still_valid(model: nn.Module, count: int, info: MoEModelInfo) -> bool:
+    try:
+        if model.get_submodule(info.step_module_path) is not info.step_module:
+            return False
+        if any(model.get_submodule(s.path) is not s.module for s in info.sites):
+            return False
+    except AttributeError:
+        return False
+    return _module_count(model) == count
+
+
+def _cached_sites(model: nn.Module) -> MoEModelInfo:
+    got = _SITES.get(model)
+    if got is not None and _still_valid(model, *got):
+        return got[1]
+    info = find_moe_routers(model, probe=False)
+    _SITES[model] = (_module_count(model), info)
+    return info
+
+
 def replay_sites(model: nn.Module) -> MoEModelInfo:
     """The model's routers, checked for replay: refuses by name what cannot be replayed.
 
     Where each router family's final top-k is, or why it cannot be replayed, is the ``force_ids``
     slot of its adapter in :data:`routecap.integrations.hf_routers.ROUTER_ADAPTERS`.
     """
-    info = find_moe_routers(model, probe=False)
+    info = _cached_sites(model)
     for site in info.sites:
         if site.adapter.force_ids is None:
             raise UnsupportedModelError(
@@ -143,31 +175,25 @@ class _Replay:
         # NOTE: the checks read the routes on the host once per replay block (a device sync if
         # they live on an accelerator; give them on the CPU, as batch_routes builds them, to avoid
         # it). Nothing reads device values afterwards.
-        host_NLK = ids_NLK.detach().to("cpu", torch.int64).numpy()
-        miss_NLK = host_NLK == -1
-        miss_NL = miss_NLK.all(axis=-1)
-        partial_NL = miss_NLK.any(axis=-1) & ~miss_NL
-        if partial_NL.any():
-            n, li = np.argwhere(partial_NL)[0]
-            raise ReplayError(
-                f"replay: routes at position {_position(n, self.lead)}, layer {li} (decoder layer "
-                f"{info.moe_layers[li]}) are {host_NLK[n, li].tolist()}: a cell is either all -1 "
-                "(missing) or K expert ids")
-        bad = ~miss_NLK & ((host_NLK < 0) | (host_NLK >= E))
-        if bad.any():
-            n, li, k = np.argwhere(bad)[0]
-            raise ReplayError(
-                f"replay: routes at position {_position(n, self.lead)}, layer {li} (decoder layer "
-                f"{info.moe_layers[li]}) hold expert id {host_NLK[n, li, k]}; {info.architecture} "
-                f"has E={E} experts (ids 0..{E - 1}; -1 marks a missing cell)")
-        dup = np.sort(host_NLK, axis=-1)
-        dup = (dup[..., 1:] == dup[..., :-1]).any(axis=-1) & ~miss_NL
-        if dup.any():
-            n, li = np.argwhere(dup)[0]
-            raise ReplayError(
-                f"replay: routes at position {_position(n, self.lead)}, layer {li} name an expert "
-                f"twice: {host_NLK[n, li].tolist()}")
-        self.missing_L = [int(x) for x in miss_NL.sum(axis=0)]
+        host_NLK = ids_NLK.detach().cpu().numpy()
+        # one compiled pass: missing cells and the first cell that breaks the contract
+        check = check_routes(host_NLK, E)
+        miss_NL = check.missing_NL
+        if check.bad is not None:
+            n, li, kind = check.bad
+            where = (f"replay: routes at position {_position(n, self.lead)}, layer {li} (decoder "
+                     f"layer {info.moe_layers[li]})")
+            cell = host_NLK[n, li].tolist()
+            if kind == BAD_PARTIAL:
+                raise ReplayError(f"{where} are {cell}: a cell is either all -1 (missing) or K "
+                                  "expert ids")
+            if kind == BAD_RANGE:
+                bad_id = next(v for v in cell if not 0 <= v < E)
+                raise ReplayError(f"{where} hold expert id {bad_id}; {info.architecture} has "
+                                  f"E={E} experts (ids 0..{E - 1}; -1 marks a missing cell)")
+            raise ReplayError(f"replay: routes at position {_position(n, self.lead)}, layer {li} "
+                              f"(decoder layer {info.moe_layers[li]}) name an expert twice: {cell}")
+        self.missing_L = [int(x) for x in check.missing_L]
         self._miss_NL = miss_NL
         # strict: missing cells are allowed only where the forward's attention_mask says padding
         self._strict_open = strict and bool(miss_NL.any())
@@ -182,8 +208,13 @@ class _Replay:
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         got = self._by_device.get(device)
         if got is None:
-            ids = self._source_LNK.to(device=device, dtype=torch.int64, non_blocking=True)
-            got = (ids.contiguous(), self._miss_LN.to(device, non_blocking=True))
+            ids_LNK, miss_LN = self._source_LNK, self._miss_LN
+            if ids_LNK.device.type == "cpu" and device.type == "cuda":
+                # NOTE: from pinned memory the copies are asynchronous: no sync in the forward
+                ids_LNK = ids_LNK.to(torch.int64).contiguous().pin_memory()
+                miss_LN = miss_LN.pin_memory()
+            got = (ids_LNK.to(device=device, dtype=torch.int64, non_blocking=True).contiguous(),
+                   miss_LN.to(device, non_blocking=True))
             self._by_device[device] = got
         return got
 

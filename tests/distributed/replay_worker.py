@@ -15,7 +15,8 @@ Shared by tests/distributed/test_replay_dist.py (gloo, CPU) and tests/gpu/test_m
 Each rank (``main``) loads the trained model under FSDP2 (``fully_shard`` per decoder layer and
 the root) or under transformers' all-to-all expert parallelism, runs one forward + backward
 without replay and one with replay (each under the profiler, which lists the collectives), and
-saves what the experts received, the loss, the full gradients and the collective sequences.
+saves what the experts received (under EP also the rows each expert received after the
+all-to-all), the loss, the full gradients and the collective calls.
 :func:`check_case` compares that with the reference.
 
 Loss: summed token cross-entropy over the labels of the whole combined batch, divided by the
@@ -59,8 +60,10 @@ def build_model(arch: str, seed: int = 0) -> Any:
     return tiny_model(arch, seed=seed)
 
 
-def expert_inputs(model: Any) -> tuple[list[list[torch.Tensor]], list[Any]]:
-    """Hook every MoE block's ``experts``: per layer, the top-k ids each call received."""
+def expert_inputs(model: Any, rows: list[list[torch.Tensor]] | None = None
+                  ) -> tuple[list[list[torch.Tensor]], list[Any]]:
+    """Hook every MoE block's ``experts``: per layer, the top-k ids each call received (and, into
+    ``rows`` if given, the hidden rows it was called with)."""
     info = find_moe_routers(model, probe=False)
     seen: list[list[torch.Tensor]] = [[] for _ in info.sites]
 
@@ -68,6 +71,9 @@ def expert_inputs(model: Any) -> tuple[list[list[torch.Tensor]], list[Any]]:
         def pre(module, args, kwargs):
             ids = args[1] if len(args) > 1 else kwargs["top_k_index"]
             seen[i].append(ids.detach().reshape(-1, ids.shape[-1]).cpu().clone())
+            if rows is not None:
+                x = args[0] if args else kwargs["hidden_states"]
+                rows[i].append(x.detach().reshape(ids.numel() // ids.shape[-1], -1).cpu().clone())
         return pre
 
     handles = [s.block.experts.register_forward_pre_hook(hook(i), with_kwargs=True)
@@ -197,6 +203,12 @@ def _sorted(ids: torch.Tensor) -> torch.Tensor:
     return ids.sort(dim=-1).values
 
 
+def _rows_sorted(x: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x`` in lexicographic order (a multiset of rows, compared exactly)."""
+    a = x.float().numpy()
+    return torch.from_numpy(a[np.lexsort(a.T[::-1])]) if len(a) else x.float()
+
+
 def check_case(tmp: Path, case: dict[str, Any], world: int, *, mode: str,
                rtol: float = 1e-4, atol: float = 1e-6) -> dict[str, Any]:
     """Compare every rank's output with the single-process reference (asserts)."""
@@ -240,18 +252,28 @@ def check_case(tmp: Path, case: dict[str, Any], world: int, *, mode: str,
                 mine = o["received"][i]
                 lo, hi = r * E // world, (r + 1) * E // world
                 assert ((mine >= lo) & (mine < hi)).all(), (r, i)  # only its own experts
+            # token by token: expert e received exactly the hidden rows of the tokens whose ids
+            # (recorded ones, on every valid cell) name e, from every rank
+            for e in range(E):
+                owner = outs[e * world // E]
+                got = owner["received_rows"][i][owner["received"][i] == e]
+                want = torch.cat([o["sent_rows"][i][(torch.cat(o["replay_ids"][i]) == e).any(-1)]
+                                  for o in outs])
+                assert torch.equal(_rows_sorted(got), _rows_sorted(want)), (
+                    f"layer {i} expert {e}: received {got.shape[0]} rows, {want.shape[0]} routed")
     return {"disagreement": case["disagreement"], "outs": outs}
 
 
 # ---- one rank -------------------------------------------------------------------------------
 
-def _received_ids(model: Any) -> tuple[list[list[torch.Tensor]], int]:
-    """Under all-to-all EP: per layer, the global ids of the rows this rank's experts received."""
+def _received(model: Any) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """Under all-to-all EP: per layer, the global expert id of every row this rank's experts
+    received, and the rows themselves (hidden states, moved bytes-exact by the all-to-all)."""
     from transformers.distributed.expert_parallel import EPImplementation
 
     info = find_moe_routers(model, probe=False)
     received: list[list[torch.Tensor]] = [[] for _ in info.sites]
-    found = 0
+    received_rows: list[list[torch.Tensor]] = [[] for _ in info.sites]
     for i, s in enumerate(info.sites):
         fwd = s.block.experts.forward
         impls = [c.cell_contents for c in (getattr(fwd, "__closure__", None) or ())
@@ -263,13 +285,13 @@ def _received_ids(model: Any) -> tuple[list[list[torch.Tensor]], int]:
         dispatch = impl._dispatch_tokens
 
         def spy(*args, _i=i, _d=dispatch, _off=rank * n_local):
-            out = _d(*args)
+            out = _d(*args)  # (received rows, their local expert ids, weights, state)
             received[_i].append(out[1].detach().reshape(-1).cpu() + _off)  # local -> global ids
+            received_rows[_i].append(out[0].detach().cpu().clone())
             return out
 
         impl._dispatch_tokens = spy
-        found += 1
-    return received, found
+    return received, received_rows
 
 
 def _collectives(prof: Any) -> list[str]:
@@ -337,14 +359,15 @@ def main() -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = {k: (v if k == "routes" else v.to(device)) for k, v in case["ranks"][rank].items()}
     n_label = case["n_label_tokens"]
-    seen, _ = expert_inputs(model)
-    received, _ = _received_ids(model) if args.mode == "ep" else ([], 0)
+    sent_rows: list[list[torch.Tensor]] = [[] for _ in find_moe_routers(model, probe=False).sites]
+    seen, _ = expert_inputs(model, sent_rows)
+    received, received_rows = _received(model) if args.mode == "ep" else ([], [])
 
     activities = [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         (loss_sum(model, batch) / n_label).backward()
     plain = _collectives(prof)
-    for x in seen + received:
+    for x in seen + received + sent_rows + received_rows:
         x.clear()
     model.zero_grad(set_to_none=True)
     with profile(activities=activities) as prof:
@@ -357,6 +380,8 @@ def main() -> None:
         "rank": rank, "loss": float(loss.detach()),
         "replay_ids": [list(x) for x in seen],
         "received": [torch.cat(x) if x else torch.zeros(0, dtype=torch.long) for x in received],
+        "received_rows": [torch.cat(x) for x in received_rows if x],
+        "sent_rows": [torch.cat(x) for x in sent_rows] if args.mode == "ep" else [],
         "stats": (int(stats.fallback_cells), int(stats.replayed_cells)),
         "collectives": {"plain": plain, "replay": replayed},
         "grads": grads if rank == 0 else {},

@@ -8,8 +8,8 @@ router is perturbed so that its own routing differs from the recorded one. Under
 - the ranks' losses add up to, and the full gradients equal, those of a single process over the
   combined batch under replay;
 - the ids every MoE block's experts received equal the recorded ones in every (token, layer)
-  cell, and under expert parallelism every expert received exactly the pairs the ranks
-  dispatched to it;
+  cell, and under expert parallelism every expert, on whichever rank holds it, received after
+  the all-to-all exactly the hidden rows of the tokens whose routes name it, from every rank;
 - replay adds no collective: the profiler lists the same collective calls (kind and count) for
   the step with and without replay.
 

@@ -9,7 +9,8 @@ process per GPU and NCCL. The single-process reference runs on one GPU over the 
   gradients equal the single-GPU ones; the experts received the recorded ids in every cell.
 - transformers' all-to-all expert parallelism across the two GPUs, uneven batches, a dummy rank:
   the ids each rank dispatched equal the recorded ones in every cell, every expert received
-  exactly the pairs sent to it, and loss and gradients equal the single-GPU run.
+  (after the all-to-all, on the other GPU too) exactly the hidden rows of the tokens whose routes
+  name it, and loss and gradients equal the single-GPU run.
 - replay adds no collective (same NCCL calls with and without it).
 
 Run on a 2-GPU machine (scripts/gpu-multi.sh runs this and tests/gpu/test_multi_gpu.py):
