@@ -76,7 +76,7 @@ def main() -> None:
     # DP apart, as a launcher that places TP groups across nodes makes them)
     dp_rank, tp_rank = divmod(rank, TP) if not args.strided_tp else (rank % DP, rank // DP)
 
-    def world(d: int, t: int) -> int:
+    def world_rank(d: int, t: int) -> int:
         return t * DP + d if args.strided_tp else d * TP + t
     if args.ep_model:
         from transformers import AutoModelForCausalLM
@@ -88,8 +88,8 @@ def main() -> None:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         model = tiny_model("qwen3_moe", seed=args.seed).to(device)
     # every rank creates every group, in the same order
-    tp_groups = [dist.new_group(sorted(world(d, t) for t in range(TP))) for d in range(DP)]
-    dp_groups = [dist.new_group(sorted(world(d, t) for d in range(DP))) for t in range(TP)]
+    tp_groups = [dist.new_group(sorted(world_rank(d, t) for t in range(TP))) for d in range(DP)]
+    dp_groups = [dist.new_group(sorted(world_rank(d, t) for d in range(DP))) for t in range(TP)]
     parallel = ParallelConfig(layout=args.layout, dp_group=dp_groups[tp_rank],
                               tp_group=tp_groups[dp_rank] if TP > 1 else None, world_group=None)
     counts = [int(c) for c in args.counts.split(",")]
