@@ -181,9 +181,17 @@ def test_two_captures_at_once():
             sb = b.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
         ta = ca.collect(sequences=sa, attention_mask=mask, eos_token_id=[])
         tb = cb.collect(sequences=sb, attention_mask=mask, eos_token_id=[])
-    alone, _ = capture_generate(a, ids, mask, max_new_tokens=3, do_sample=False, eos_token_id=[])
-    assert all(x.equals(y) for x, y in zip(ta, alone))
-    assert tb[0].num_experts == 8 and ta[0].num_experts == 16
+    alone_a, _ = capture_generate(a, ids, mask, max_new_tokens=3, do_sample=False,
+                                  eos_token_id=[])
+    alone_b, _ = capture_generate(b, ids, mask, max_new_tokens=3, do_sample=False,
+                                  eos_token_id=[])
+    # each capture got its own model's routes, cell for cell, as if it had run alone
+    assert len(ta) == len(tb) == len(alone_a) == len(alone_b) == 2
+    for got, alone in ((ta, alone_a), (tb, alone_b)):
+        for x, y in zip(got, alone, strict=True):
+            assert x.equals(y), x.request_id
+    assert (tb[0].num_experts, tb[0].top_k) == (8, 2) and (ta[0].num_experts, ta[0].top_k) == (16, 4)
+    assert tb[0].moe_layers == (0, 1, 2) and ta[0].moe_layers == (1, 2, 3)
 
 
 def test_single_token_prompt_and_one_new_token():
@@ -206,7 +214,9 @@ def test_consecutive_batches_do_not_leak_rows():
             traces = cap.collect(sequences=seq, attention_mask=mask, eos_token_id=[])
     fresh, _ = capture_generate(model, short_ids, short_mask, max_new_tokens=4, do_sample=False,
                                 eos_token_id=[])
-    assert all(a.equals(b) for a, b in zip(traces, fresh))
+    assert len(traces) == len(fresh) == 2
+    for a, b in zip(traces, fresh, strict=True):
+        assert a.equals(b), a.request_id
 
 
 def test_model_without_moe_is_refused():
@@ -372,7 +382,8 @@ def test_collect_start_offset_without_store():
         seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3,
                              do_sample=False, eos_token_id=[])
         part = cap.collect(sequences=seq, attention_mask=mask, eos_token_id=[], start=[2, 1])
-    for f, p, s in zip(full, part, [2, 1]):
+    assert len(full) == len(part) == 2
+    for f, p, s in zip(full, part, [2, 1], strict=True):
         assert p.equals(f.slice(s))
 
 
@@ -385,7 +396,8 @@ def test_static_cache_generate_equals_dynamic_cache():
     sta, seq_s = capture_generate(model, ids, mask, max_new_tokens=4, do_sample=False,
                                   eos_token_id=[], cache_implementation="static")
     assert torch.equal(seq_d, seq_s)
-    for a, b in zip(dyn, sta):
+    assert len(dyn) == len(sta) == 3
+    for a, b in zip(dyn, sta, strict=True):
         assert a.equals(b)
 
 

@@ -205,3 +205,11 @@ def test_public_names_stay_importable_from_hf():
     for name in ("find_moe_routers", "RouterSite", "MoEModelInfo", "router_hook",
                  "attach_router_hooks", "moe_layers_from_config", "UnsupportedModelError"):
         assert hasattr(hf, name), name
+
+
+def test_config_reader_answers_by_contents_not_identity():
+    cfg = tiny_config(CASES_BY_ID["ernie4_5_moe"])
+    first = moe_config(cfg)
+    assert moe_config(cfg) is first  # the same contents: no second meta build
+    cfg.moe_k = 3  # a config is mutable: a changed one is read again
+    assert moe_config(cfg).top_k == 3

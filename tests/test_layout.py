@@ -115,29 +115,40 @@ def test_ceil_chunks(n, tp):
     assert list(chunks) == sorted(chunks, reverse=True)
 
 
-def _vllm_019_capture_rows(num_tokens_across_dp, dp_rank, num_rows):
-    """vLLM 0.16-0.19's RoutedExpertsCapturer.capture: always assumes the gathered layout."""
-    cumsum = [sum(num_tokens_across_dp[: i + 1]) for i in range(len(num_tokens_across_dp))]
-    assert cumsum[-1] == num_rows
-    end = cumsum[dp_rank]
-    return (end - num_tokens_across_dp[dp_rank], num_tokens_across_dp[dp_rank])
+# The seed bug: vLLM 0.16-0.19's capturer asserted ``sum(num_tokens_across_dp) == N`` (it assumed
+# the gathered layout) and crashed when the modular-kernel path routed only local rows. Each case:
+# (DP token counts, this DP rank); both layouts must hand the rank exactly its own labelled tokens.
+SEED_CASES = [
+    pytest.param([2, 1], 1, id="dummy-batch-on-rank-1"),  # a warm-up dummy batch of one token
+    pytest.param([2, 3], 1, id="seed-example"),  # the seed's own numbers
+    pytest.param([0, 4], 0, id="zero-tokens"),
+]
 
 
-def test_seed_regression_local_layout_during_dummy_batch():
-    # The seed bug: DP=2, modular-kernel path (local layout). Rank 1 runs a warm-up dummy batch of
-    # one token while rank 0 has 2 real tokens; the router on rank 1 sees only its own row.
-    tokens_per_dp, me, router_rows = [2, 1], 1, 1
-    with pytest.raises(AssertionError):
-        _vllm_019_capture_rows(tokens_per_dp, me, router_rows)
+@pytest.mark.parametrize("tokens_per_dp, me", SEED_CASES)
+@pytest.mark.parametrize("layout", [Layout.LOCAL, Layout.GATHERED])
+def test_seed_regression_each_layout_selects_this_ranks_labelled_rows(tokens_per_dp, me, layout):
     view = RankView(tokens_per_dp=tokens_per_dp, dp_rank=me)
-    plan = infer_layout(view, router_rows)
-    assert plan.layout is Layout.LOCAL and plan.segments == ((0, 1),)
-    assert plan_rows("local", view, router_rows).segments == ((0, 1),)
-    # and the seed's own example: counts [2, 3], rank 1, 3 local rows
-    with pytest.raises(AssertionError):
-        _vllm_019_capture_rows([2, 3], 1, 3)
-    assert infer_layout(RankView(tokens_per_dp=[2, 3], dp_rank=1), 3).segments == ((0, 3),)
-    assert infer_layout(RankView(tokens_per_dp=[2, 3], dp_rank=1), 5).segments == ((2, 3),)
+    rows = _reference_router_rows(layout, view, 0)
+    expected = [(me, i) for i in range(tokens_per_dp[me])]
+    declared = plan_rows(layout, view, len(rows))
+    assert _apply(declared, [rows], 0) == expected
+    inferred = infer_layout(view, len(rows))
+    assert _apply(inferred, [rows], 0) == expected
+    # rank 1's local rows are 1 or 3 while the DP total is 3 or 5: only the declared/inferred
+    # layout, never "assume gathered", can tell them apart
+    if layout is Layout.LOCAL and sum(tokens_per_dp) != tokens_per_dp[me]:
+        with pytest.raises(LayoutError, match="does not fit the declared layout"):
+            plan_rows(Layout.GATHERED, view, len(rows))
+
+
+def test_chunk_start_is_where_each_tp_chunk_begins():
+    view = RankView(tokens_per_dp=[7, 2], dp_rank=0, tp_size=3, tp_rank=2)
+    # ceil split: 7 -> chunks 3, 3, 1 starting at 0, 3, 6; 2 -> 1, 1, 0 starting at 0, 1, 2
+    assert [view.chunk_start(0, t) for t in range(3)] == [0, 3, 6]
+    assert [view.chunk_start(1, t) for t in range(3)] == [0, 1, 2]
+    explicit = RankView(tokens_per_dp=[5], tp_size=2, chunks=((1, 4),))
+    assert (explicit.chunk_start(0, 0), explicit.chunk_start(0, 1)) == (0, 1)
 
 
 def test_zero_tokens_on_this_rank():

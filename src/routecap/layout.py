@@ -125,7 +125,12 @@ class RankView:
         return self.tokens_per_dp[self.dp_rank]
 
     def chunk(self, r: int, t: int) -> int:
+        """How many of DP rank r's tokens TP rank t holds."""
         return self._chunks[r][t]
+
+    def chunk_start(self, r: int, t: int) -> int:
+        """Where TP rank t's chunk starts among DP rank r's tokens (the chunks before it)."""
+        return sum(self._chunks[r][:t])
 
     @property
     def max_chunk(self) -> int:

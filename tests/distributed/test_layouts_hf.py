@@ -86,6 +86,18 @@ def test_layout_under_distributed(tmp_path, layout, world, tp, counts):
     assert len({i["steps"] for i in infos}) == 1  # every rank ran the same number of forwards
 
 
+@pytest.mark.parametrize("layout,counts", [("gathered_padded", [3, 1]), ("tp_sharded", [2, 3])])
+def test_tp_groups_strided_across_the_world(tmp_path, layout, counts):
+    # world rank = tp_rank * DP + dp_rank: the world all-gather of gathered_padded returns shards
+    # in world order, which is not the (dp_rank, tp_rank) order of the layout; the rows handed
+    # back (and captured) must still be each rank's own
+    run_ranks(HERE / "worker.py", ["--layout", layout, "--tp", "2", "--out", str(tmp_path),
+                                   "--counts", ",".join(map(str, counts)), "--strided-tp"], 4)
+    infos = _check(tmp_path, 4, counts)
+    assert {(i["rank"], i["dp_rank"], i["tp_rank"]) for i in infos} == {
+        (0, 0, 0), (1, 1, 0), (2, 0, 1), (3, 1, 1)}
+
+
 def _transformers_has_ep() -> bool:
     try:
         from transformers.distributed import DistributedConfig

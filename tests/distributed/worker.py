@@ -1,8 +1,9 @@
 """One rank of a multi-process capture scenario; launched by ``launch.run_ranks``.
 
-Ranks are laid out as ``rank = dp_rank * TP + tp_rank``. Each DP rank captures its own requests
-(a rank with none runs a one-token dummy batch to keep the group in step) and the publishing rank
-of each TP group saves its traces with routecap's own trace files.
+Ranks are laid out as ``rank = dp_rank * TP + tp_rank`` (with ``--strided-tp``,
+``tp_rank * DP + dp_rank``). Each DP rank captures its own requests (a rank with none runs a
+one-token dummy batch to keep the group in step) and the publishing rank of each TP group saves
+its traces with routecap's own trace files.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--ep-model", default=None, help="load this folder with transformers EP")
     ap.add_argument("--max-new-tokens", type=int, default=4)
     ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU a rank)")
+    ap.add_argument("--strided-tp", action="store_true", help="TP peers are DP ranks apart")
     args = ap.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = "cpu"
@@ -70,7 +72,12 @@ def main() -> None:
     torch.manual_seed(args.seed + rank)
     TP = args.tp
     DP = world // TP
-    dp_rank, tp_rank = divmod(rank, TP)
+    # world rank = dp_rank * TP + tp_rank, or with --strided-tp tp_rank * DP + dp_rank (TP peers
+    # DP apart, as a launcher that places TP groups across nodes makes them)
+    dp_rank, tp_rank = divmod(rank, TP) if not args.strided_tp else (rank % DP, rank // DP)
+
+    def world_rank(d: int, t: int) -> int:
+        return t * DP + d if args.strided_tp else d * TP + t
     if args.ep_model:
         from transformers import AutoModelForCausalLM
         from transformers.distributed import DistributedConfig
@@ -81,8 +88,8 @@ def main() -> None:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         model = tiny_model("qwen3_moe", seed=args.seed).to(device)
     # every rank creates every group, in the same order
-    tp_groups = [dist.new_group([d * TP + t for t in range(TP)]) for d in range(DP)]
-    dp_groups = [dist.new_group([d * TP + t for d in range(DP)]) for t in range(TP)]
+    tp_groups = [dist.new_group(sorted(world_rank(d, t) for t in range(TP))) for d in range(DP)]
+    dp_groups = [dist.new_group(sorted(world_rank(d, t) for d in range(DP))) for t in range(TP)]
     parallel = ParallelConfig(layout=args.layout, dp_group=dp_groups[tp_rank],
                               tp_group=tp_groups[dp_rank] if TP > 1 else None, world_group=None)
     counts = [int(c) for c in args.counts.split(",")]

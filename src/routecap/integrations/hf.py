@@ -16,7 +16,6 @@ then turns columns into request positions using the left padding of the prompt b
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,6 +35,7 @@ from .hf_routers import (
     moe_layers_from_config,
     router_hook,
 )
+from .hf_steps import StepTag, cache_length, step_shape
 from .hf_stops import StopRecorder
 from .hf_stops import generated_lengths as generated_lengths_of
 
@@ -62,57 +62,6 @@ VERIFIED_ARCHITECTURES = (
     "GptOssForCausalLM",
     "Glm4MoeForCausalLM",
 )
-
-
-@dataclass(frozen=True, kw_only=True)
-class _StepTag:
-    batch: int  # B
-    seq: int  # S
-    # KV cache length before the forward (the column of s = 0): an int, or a one-element host
-    # tensor the device fills asynchronously (static caches keep their length on the device)
-    offset_or_host: Any
-
-    @property
-    def offset(self) -> int:
-        # NOTE: read only when the step reaches the host, after its copy event completed
-        return int(self.offset_or_host)
-
-
-def _step_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
-    x = kwargs.get("input_ids")
-    if x is None and args and isinstance(args[0], torch.Tensor):
-        x = args[0]
-    if isinstance(x, torch.Tensor):
-        return (int(x.shape[0]), int(x.shape[1])) if x.dim() == 2 else (1, int(x.shape[0]))
-    e = kwargs.get("inputs_embeds")
-    if isinstance(e, torch.Tensor):
-        return (int(e.shape[0]), int(e.shape[1])) if e.dim() == 3 else (1, int(e.shape[0]))
-    return None
-
-
-def _cache_length(kwargs: dict) -> Any:
-    """The cache's length before the forward: an int, or a host tensor filled asynchronously."""
-    cache = kwargs.get("cache", None)
-    if cache is None:
-        cache = kwargs.get("past_key_values", None)
-    if cache is None:
-        return 0
-    get = getattr(cache, "get_seq_length", None)
-    if get is None:
-        raise TypeError(
-            f"routecap: cannot read the length of a {type(cache).__name__} cache; expected a "
-            "transformers Cache with get_seq_length()"
-        )
-    n = get()
-    if isinstance(n, torch.Tensor):
-        # NOTE: a StaticCache keeps its length in a device tensor: copy it to the host without
-        # waiting; the step's copy event (recorded after this) says when it has arrived
-        if n.device.type == "cpu":
-            return n.clone()
-        host = torch.empty((), dtype=n.dtype, pin_memory=True)
-        host.copy_(n, non_blocking=True)
-        return host
-    return int(n)
 
 
 class HFRouteCapture:
@@ -209,7 +158,7 @@ class HFRouteCapture:
         cap = self.capturer
         if cap.in_step:
             cap.abort_step()  # the previous forward raised before it finished
-        shape = _step_shape(args, kwargs)
+        shape = step_shape(args, kwargs)
         if shape is None:
             raise TypeError(
                 f"routecap: {type(module).__name__}.forward got neither input_ids nor "
@@ -217,7 +166,7 @@ class HFRouteCapture:
             )
         B, S = shape
         self.rows_computed += B * S
-        tag = _StepTag(batch=B, seq=S, offset_or_host=_cache_length(kwargs))
+        tag = StepTag(batch=B, seq=S, offset_or_host=cache_length(kwargs))
         if self.dispatch is None:
             cap.begin_step(B * S, tag=tag)
         else:
@@ -231,7 +180,7 @@ class HFRouteCapture:
             self.capturer.poll()
 
     def _ingest(self, snap: StepSnapshot) -> None:
-        tag: _StepTag = snap.tag
+        tag: StepTag = snap.tag
         S = tag.seq
         offset = tag.offset
         rows = self.rows

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import distributed as rcdist
-from ..layout import Layout, RankView, ceil_chunks
+from ..layout import Layout, RankView, RowPlan, ceil_chunks, plan_rows
 
 __all__ = ["MoEDispatch", "ParallelConfig"]
 
@@ -74,11 +74,26 @@ class ParallelConfig:
         return rcdist.group_rank(self.dp_group)
 
 
+def _select(rows: torch.Tensor, segments: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """The rows of ``segments`` (``(start, length)`` slices), concatenated in order."""
+    if len(segments) == 1:
+        start, length = segments[0]
+        return rows[start:start + length]
+    return torch.cat([rows[start:start + length] for start, length in segments], dim=0)
+
+
 class MoEDispatch:
     """Forward hooks on the MoE blocks that make the routers see the rows of ``config.layout``.
 
     ``begin_step(n_me)`` (called once per forward, before the decoder runs) gathers the token
-    counts the layout needs and returns the step's :class:`RankView`.
+    counts the layout needs and returns the step's :class:`RankView`; the step's
+    :class:`~routecap.layout.RowPlan` (``plan_rows``) then says which of the routed rows are this
+    rank's, so the rows handed back here are exactly the rows the capturer records. How rows are
+    routed and handed back is chosen once, here, from the layout.
+
+    ``gathered_padded`` with TP > 1 gathers the shards over ``world_group``, whose rank order need
+    not be ``dp_rank * TP + tp_rank``: the constructor gathers every rank's (DP, TP) ranks once (a
+    collective every rank takes part in) and reorders the shards when the world order differs.
     """
 
     def __init__(self, blocks: list[nn.Module], config: ParallelConfig,
@@ -87,31 +102,69 @@ class MoEDispatch:
         self.config = config
         self.device = device
         self.view: RankView | None = None
+        self.plan: RowPlan | None = None
         self._handles: list[Any] = []
+        layout = config.layout
+        self._tp, self._tp_rank = config.tp_size, config.tp_rank
+        # only the gathered layouts need the DP peers' counts (one small collective per step)
+        self._gathers_counts = layout in (Layout.GATHERED, Layout.GATHERED_PADDED)
+        self._route, self._unroute = {
+            Layout.LOCAL: (None, None),
+            Layout.GATHERED: (self._route_gathered, self._unroute_segments),
+            Layout.GATHERED_PADDED: (self._route_padded, self._unroute_segments),
+            Layout.TP_SHARDED: (self._route_chunk, self._unroute_tp),
+        }[layout]
+        self._shard_group = config.dp_group if self._tp == 1 else config.world_group
+        self._shard_order: torch.Tensor | None = None
+        if layout is Layout.GATHERED_PADDED and self._tp > 1:
+            self._shard_order = self._world_shard_order()
+
+    def _world_shard_order(self) -> torch.Tensor | None:
+        """World rank of shard (r, t) at index ``r * TP + t``; None when the world order is it."""
+        c = self.config
+        R, TP = c.dp_size, self._tp
+        W = rcdist.group_size(self._shard_group)
+        if W != R * TP:
+            raise ValueError(f"ParallelConfig: gathered_padded with TP={TP} gathers over "
+                             f"world_group, which has {W} ranks; expected DP * TP = {R} * {TP}")
+        pairs = [tuple(p) for p in rcdist.all_gather_objects((c.dp_rank, self._tp_rank),
+                                                             self._shard_group)]
+        grid = [(r, t) for r in range(R) for t in range(TP)]
+        if sorted(pairs) != grid:
+            raise ValueError(
+                f"ParallelConfig: the (dp_rank, tp_rank) of the world_group's ranks, in world "
+                f"order, are {pairs}; expected each of the {R} x {TP} grid once (are dp_group and "
+                "tp_group this rank's groups?)")
+        order = [pairs.index(rt) for rt in grid]
+        if order == list(range(W)):
+            return None
+        return torch.tensor(order, dtype=torch.long, device=self.device)
 
     # ---- per step -----------------------------------------------------------------------------
     def begin_step(self, n_me: int) -> RankView:
         c = self.config
-        tp, tp_rank = c.tp_size, c.tp_rank
-        if c.layout is Layout.LOCAL or c.layout is Layout.TP_SHARDED:
-            # only this rank's count matters: the DP peers' counts are not gathered (no sync)
-            counts = [n_me]
-            dp_rank = 0
-        else:
+        tp = self._tp
+        if self._gathers_counts:
             counts = rcdist.all_gather_counts(n_me, c.dp_group, device=self.device)
             dp_rank = c.dp_rank
+        else:  # only this rank's count matters: the DP peers' are not gathered (no sync)
+            counts, dp_rank = [n_me], 0
         shard = c.shard_size
         if c.layout is Layout.GATHERED_PADDED and shard is None:
             shard = max(max(ceil_chunks(x, tp)) for x in counts)
         if c.layout is Layout.TP_SHARDED and shard is None:
             shard = max(ceil_chunks(n_me, tp))
-        self.view = RankView(tokens_per_dp=tuple(counts), dp_rank=dp_rank, tp_size=tp,
-                             tp_rank=tp_rank, shard_size=shard)
-        return self.view
+        view = RankView(tokens_per_dp=tuple(counts), dp_rank=dp_rank, tp_size=tp,
+                        tp_rank=self._tp_rank, shard_size=shard)
+        routed = {Layout.LOCAL: n_me, Layout.GATHERED: sum(counts),
+                  Layout.GATHERED_PADDED: len(counts) * tp * (shard or 0),
+                  Layout.TP_SHARDED: shard or 0}[c.layout]
+        self.view, self.plan = view, plan_rows(c.layout, view, routed)
+        return view
 
     # ---- hooks --------------------------------------------------------------------------------
     def install(self) -> None:
-        if self.config.layout is Layout.LOCAL:
+        if self._route is None:  # local: the routers see this rank's rows as they are
             return
         for block in self.blocks:
             self._handles.append(block.register_forward_pre_hook(self._pre, with_kwargs=True))
@@ -133,37 +186,39 @@ class MoEDispatch:
             raise RuntimeError(f"MoEDispatch: the block got {rows.shape[0]} rows, the step has "
                                f"{view.my_tokens}")
         block._routecap_shape = tuple(x.shape)  # restored by _post
-        c = self.config
-        if c.layout is Layout.GATHERED:
-            routed = rcdist.all_gather_rows(rows, list(view.tokens_per_dp), c.dp_group)
-        elif c.layout is Layout.GATHERED_PADDED:
-            routed = self._gather_padded(rows, view)
-        else:  # TP_SHARDED: this TP rank routes its chunk, padded to the shard size
-            start = sum(view.chunk(view.dp_rank, t) for t in range(view.tp_rank))
-            mine = view.chunk(view.dp_rank, view.tp_rank)
-            routed = rows.new_zeros((view.shard_size, H))
-            routed[:mine] = rows[start:start + mine]
+        routed = self._route(rows, view)
         new_x = routed.reshape(1, routed.shape[0], H)
         return ((new_x, *args[1:]) if args else args), (kwargs if args else {**kwargs,
                                                                            "hidden_states": new_x})
 
-    def _gather_padded(self, rows: torch.Tensor, view: RankView) -> torch.Tensor:
-        c = self.config
-        S, TP = view.shard_size, view.tp_size
-        start = sum(view.chunk(view.dp_rank, t) for t in range(view.tp_rank))
+    def _my_chunk(self, rows: torch.Tensor, view: RankView) -> torch.Tensor:
+        """This TP rank's chunk of its DP rank's rows, zero-padded to the shard size."""
+        start = view.chunk_start(view.dp_rank, view.tp_rank)
         mine = view.chunk(view.dp_rank, view.tp_rank)
-        shard = rows.new_zeros((S, rows.shape[1]))
-        shard[:mine] = rows[start:start + mine]
-        group = c.dp_group if TP == 1 else c.world_group
-        return rcdist.all_gather_equal(shard, group)
+        chunk = rows.new_zeros((view.shard_size, rows.shape[1]))
+        chunk[:mine] = rows[start:start + mine]
+        return chunk
+
+    def _route_gathered(self, rows: torch.Tensor, view: RankView) -> torch.Tensor:
+        return rcdist.all_gather_rows(rows, list(view.tokens_per_dp), self.config.dp_group)
+
+    def _route_padded(self, rows: torch.Tensor, view: RankView) -> torch.Tensor:
+        shards = rcdist.all_gather_equal(self._my_chunk(rows, view), self._shard_group)
+        if self._shard_order is None:
+            return shards
+        S = view.shard_size
+        # world order -> (dp_rank, tp_rank) order, the order the layout (and the plan) promise
+        return shards.view(-1, S, shards.shape[-1])[self._shard_order].reshape(shards.shape)
+
+    def _route_chunk(self, rows: torch.Tensor, view: RankView) -> torch.Tensor:
+        return self._my_chunk(rows, view)
 
     def _post(self, block: nn.Module, args: Any, output: Any) -> Any:
-        view = self.view
         shape = block.__dict__.pop("_routecap_shape")
         n_rows = args[0].reshape(-1, args[0].shape[-1]).shape[0] if args else None
 
         def mine(t: torch.Tensor) -> torch.Tensor:
-            return self._own_rows(t.reshape(n_rows, -1), view)
+            return self._unroute(t.reshape(n_rows, -1))
 
         if isinstance(output, torch.Tensor):
             return mine(output).reshape(shape)
@@ -178,19 +233,13 @@ class MoEDispatch:
         raise TypeError(f"MoEDispatch: cannot split an MoE block output of type "
                         f"{type(output).__name__}")
 
-    def _own_rows(self, rows: torch.Tensor, view: RankView) -> torch.Tensor:
-        c = self.config
-        me, TP = view.dp_rank, view.tp_size
-        if c.layout is Layout.GATHERED:
-            off = sum(view.tokens_per_dp[:me])
-            return rows[off:off + view.my_tokens]
-        if c.layout is Layout.GATHERED_PADDED:
-            S = view.shard_size
-            parts = [rows[(me * TP + t) * S:(me * TP + t) * S + view.chunk(me, t)]
-                     for t in range(TP)]
-            return torch.cat(parts, dim=0)
-        # TP_SHARDED: gather every TP rank's chunk of the outputs, trim each, concatenate
-        S = view.shard_size
-        full = rcdist.all_gather_equal(rows[:S].contiguous(), c.tp_group)
-        parts = [full[t * S:t * S + view.chunk(me, t)] for t in range(TP)]
-        return torch.cat(parts, dim=0)
+    def _unroute_segments(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the routed output: the plan's segments."""
+        return _select(rows, self.plan.segments)
+
+    def _unroute_tp(self, rows: torch.Tensor) -> torch.Tensor:
+        """tp_sharded: every TP rank's chunk of the output (padded), each trimmed, concatenated."""
+        plan = self.plan
+        S = plan.gather_rows
+        full = rcdist.all_gather_equal(rows[:S].contiguous(), self.config.tp_group)
+        return _select(full, tuple((t * S, n) for t, n in enumerate(plan.tp_chunks)))

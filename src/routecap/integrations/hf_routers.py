@@ -10,7 +10,8 @@ One home for everything routecap knows about a transformers router:
   make the router take given ids). A router no entry names gets :data:`GENERIC_ADAPTER`: its ids
   are read from the one integer ``[N, K]`` tensor of its output (found by a probe); nothing is
   claimed about its scoring. A family whose ids cannot be trusted is refused by name.
-* :func:`find_moe_routers`: every router of a model, numbered by its decoder layer, probed.
+* :func:`find_moe_routers`: every router of a model, numbered by its decoder layer, probed
+  (:mod:`.hf_probe` runs each block once to find where the ids are).
 * :func:`read_router_counts`: THE list of attribute names E and K are read from (router, experts,
   block, config), and :func:`moe_config`, (E, K, moe layers, layer count) of a config with no
   weights. ``convert``, the vLLM adapter and capture all go through these two.
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .hf_probe import ProbeError, probe_router, remapped_by
 from .hf_topk import ROUTER_TOPK, TopkReader, TopkScope
 
 __all__ = [
@@ -307,145 +309,6 @@ def _text_config(model: nn.Module) -> Any:
     return cfg
 
 
-# ---- the probe ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Probe:
-    slot: int  # which output element holds the ids
-    num_experts: int  # ids the router can produce: [0, num_experts)
-
-
-def _describe(outs: Sequence[Any]) -> str:
-    return ", ".join(
-        f"{type(o).__name__}{tuple(o.shape) if isinstance(o, torch.Tensor) else ''}"
-        f"{'/' + str(o.dtype) if isinstance(o, torch.Tensor) else ''}" for o in outs)
-
-
-def _run_once(block: nn.Module, router: nn.Module, x: torch.Tensor
-              ) -> tuple[list[Any], list[Exception]]:
-    """Run the block on ``x`` (or, failing that, the router on its rows) recording the router's
-    own output, whatever other hooks do to it."""
-    recorded: list[Any] = []
-    errors: list[Exception] = []
-    original = router.__dict__.get("forward")
-    bound = router.forward
-
-    def recording_forward(*args: Any, **kwargs: Any) -> Any:
-        out = bound(*args, **kwargs)
-        recorded.append(out)
-        return out
-
-    router.forward = recording_forward
-    try:
-        with torch.no_grad():
-            try:  # the block supplies whatever else its router needs
-                block(x)
-            except Exception as e:  # noqa: BLE001 - fall back to the router alone
-                errors.append(e)
-                recorded.clear()
-                try:
-                    recording_forward(x[0])
-                except Exception as e2:  # noqa: BLE001
-                    errors.append(e2)
-    finally:
-        if original is None:
-            del router.forward
-        else:
-            router.forward = original
-    return recorded, errors
-
-
-def _probe_topk(site_path: str, block: nn.Module, router: nn.Module, scope: TopkScope,
-                top_k: int, num_experts: int, x: torch.Tensor, arch: str) -> None:
-    """For a router read at its final top-k: one block run must hand over one [3, K] ids."""
-    got: list[torch.Tensor] = []
-    reader = TopkReader(router, block, scope, num_experts=num_experts, top_k=top_k,
-                        name=f"{arch}: router {type(router).__name__} at {site_path}",
-                        read=got.append)
-    try:
-        with torch.no_grad():
-            block(x)
-    except Exception as e:  # noqa: BLE001 - named below
-        raise UnsupportedModelError(
-            f"{arch}: router {type(router).__name__} at {site_path}: its block cannot be run on "
-            f"dummy hidden states with its final top-k read ({type(e).__name__}: {e})") from e
-    finally:
-        reader.remove()
-    if len(got) != 1 or tuple(got[0].shape) != (3, top_k):
-        raise UnsupportedModelError(
-            f"{arch}: router {type(router).__name__} at {site_path}: expected one final top-k of "
-            f"[3, {top_k}] ids over 3 dummy rows, got {[tuple(g.shape) for g in got]}")
-
-
-def _probe_router(site_path: str, block: nn.Module, router: nn.Module, top_k: int,
-                  num_experts: int, hidden: int | None, arch: str,
-                  adapter: RouterAdapter = GENERIC_ADAPTER) -> _Probe:
-    """Run the MoE block (or, failing that, its router) on 3 dummy rows and look at what the
-    router returns: which output slot holds the [N, K] integer ids, and how wide its logits are.
-    """
-    cls = type(router).__name__
-    params = list(router.parameters())
-    ref = params[0] if params else None
-    sharded = any(type(p).__name__ == "DTensor" for p in params)
-    if ref is None or ref.device.type == "meta" or hidden is None or sharded:
-        # cannot probe (weights not materialised, or sharded at rest as under FSDP, where they
-        # are all-gathered only inside the forward): capture() checks the output at run time
-        return _Probe(slot=2, num_experts=num_experts)
-    x = torch.zeros(1, 3, hidden, dtype=ref.dtype, device=ref.device)
-    if adapter.read_ids is None:  # no ids in the output: read at the final top-k
-        _probe_topk(site_path, block, router, adapter.force_ids or ROUTER_TOPK, top_k,
-                    num_experts, x, arch)
-        return _Probe(slot=-1, num_experts=num_experts)
-    recorded, errors = _run_once(block, router, x)
-    if not recorded:
-        e = errors[-1]
-        raise UnsupportedModelError(
-            f"{arch}: router {cls} at {site_path} cannot be run on dummy hidden states "
-            f"({type(e).__name__}: {e}); routecap supports routers returning "
-            "(router_logits, router_scores, router_indices)"
-        ) from e
-    out = recorded[0]
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    slots = [
-        i for i, o in enumerate(outs)
-        if isinstance(o, torch.Tensor) and not o.is_floating_point() and o.dtype != torch.bool
-        and o.dim() >= 1 and o.shape[-1] == top_k and o.numel() == 3 * top_k
-    ]
-    if len(slots) != 1:
-        raise UnsupportedModelError(
-            f"{arch}: router {cls} at {site_path} returned ({_describe(outs)}); routecap expects "
-            f"exactly one integer tensor of shape [N, top_k={top_k}] (the chosen expert ids) in "
-            "its output"
-        )
-    # routers with extra "zero-computation" experts (LongCat-Flash) choose ids past the routed
-    # experts: their logits say how many ids there are
-    first = outs[0]
-    width = num_experts
-    if isinstance(first, torch.Tensor) and first.is_floating_point() and first.numel() % 3 == 0 \
-            and first.shape[-1] * 3 == first.numel():
-        width = max(num_experts, int(first.shape[-1]))
-    return _Probe(slot=slots[0], num_experts=width)
-
-
-def _remapped_by(router: nn.Module) -> str | None:
-    """The name of a parallel style that rewrites the router's outputs, if one is installed.
-
-    transformers 5.17's expert parallelism (``enable_expert_parallel``) replaces the router's
-    ``forward`` with a wrapper (``EpRouterParallel``) that turns the chosen global expert ids into
-    this rank's local ids, with a sentinel for experts on other ranks. A hook then sees local ids,
-    which are not the routes: such routers are refused rather than recorded wrongly.
-    """
-    fwd = router.__dict__.get("forward")
-    for cell in getattr(fwd, "__closure__", None) or ():
-        try:
-            obj = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        for cls in type(obj).__mro__:
-            if cls.__name__ in ("EpRouterParallel", "RouterParallel"):
-                return type(obj).__name__
-    return None
-
-
 # ---- discovery ---------------------------------------------------------------------------------
 def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
     """(path, block, router attribute, router) of every module with experts and a router."""
@@ -477,7 +340,7 @@ def _site(arch: str, cfg: Any, path: str, block: nn.Module, attr: str, router: n
             f"{arch}: cannot tell the number of experts ({num_experts}) or top-k ({top_k}) of "
             f"the router at {where}; routecap reads E from {list(NUM_EXPERTS_ATTRS)} and K from "
             f"{list(TOP_K_ATTRS)} of the router, its experts, its block and the text config")
-    style = _remapped_by(router)
+    style = remapped_by(router)
     if style is not None:
         raise UnsupportedModelError(
             f"{arch}: the router at {where} is wrapped by transformers' {style}, which "
@@ -497,7 +360,13 @@ def _site(arch: str, cfg: Any, path: str, block: nn.Module, attr: str, router: n
         hidden = int(w.shape[1])
     slot = 2
     if probe:
-        found = _probe_router(where, block, router, top_k, num_experts, hidden, arch, adapter)
+        # routers whose output holds no ids are read at their final top-k call
+        scope = (adapter.force_ids or ROUTER_TOPK) if adapter.read_ids is None else None
+        try:
+            found = probe_router(where, block, router, top_k, num_experts, hidden, arch,
+                                 topk_scope=scope)
+        except ProbeError as e:
+            raise UnsupportedModelError(str(e)) from e
         slot, num_experts = found.slot, found.num_experts
     site = RouterSite(path=where, layer=int(parts[idx_pos]), module=router, block=block,
                       num_experts=num_experts, top_k=top_k, index_slot=slot, adapter=adapter)
@@ -555,6 +424,10 @@ def find_moe_routers(model: nn.Module, *, probe: bool = True,
                         step_module_path=step_path)
 
 
+#: moe_config's answers by config contents (a config is mutable: never by object identity)
+_MOE_CONFIGS: dict[str, MoEConfig] = {}
+
+
 def moe_config(config: Any) -> MoEConfig:
     """(E, K, moe layers, layer count) of a transformers config, no weights needed.
 
@@ -566,6 +439,12 @@ def moe_config(config: Any) -> MoEConfig:
     """
     import transformers
 
+    try:  # building even a meta model takes a while: reading one config per request must not
+        key: str | None = f"{type(config).__qualname__}:{config.to_json_string(use_diff=False)}"
+    except (AttributeError, TypeError, ValueError):
+        key = None
+    if key is not None and key in _MOE_CONFIGS:
+        return _MOE_CONFIGS[key]
     model = None
     # a vision-language wrapper has no causal-LM class: its decoder is found the same way
     for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText):
@@ -580,8 +459,13 @@ def moe_config(config: Any) -> MoEConfig:
             f"{type(config).__name__} ({getattr(config, 'model_type', '?')}): no causal or "
             f"image-text-to-text model class in transformers ({error})")
     info = find_moe_routers(model, probe=False)
-    return MoEConfig(num_experts=info.num_experts, top_k=info.top_k, moe_layers=info.moe_layers,
-                     num_layers=info.num_hidden_layers, architecture=info.architecture)
+    found = MoEConfig(num_experts=info.num_experts, top_k=info.top_k, moe_layers=info.moe_layers,
+                      num_layers=info.num_hidden_layers, architecture=info.architecture)
+    if key is not None:
+        _MOE_CONFIGS[key] = found
+        while len(_MOE_CONFIGS) > 32:
+            _MOE_CONFIGS.pop(next(iter(_MOE_CONFIGS)))
+    return found
 
 
 def moe_layers_from_config(config: Any) -> tuple[int, ...]:
