@@ -18,6 +18,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import transformers
 import torch.nn.functional as F
 from extra_architectures import CASES_BY_ID
 from extra_architectures import tiny_model as extra_tiny
@@ -26,6 +27,8 @@ from tiny_models import tiny_model
 from torch.utils.checkpoint import checkpoint
 
 from routecap.replay import replay, replay_sites
+
+_TRANSFORMERS = tuple(int(x) for x in transformers.__version__.split(".")[:2])
 
 B, S = 2, 6
 
@@ -181,6 +184,10 @@ def _ids(seed=0):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_gradients_equal_slow_reference(family):
     arch, ref, where = FAMILIES[family]
+    if arch == "longcat_flash" and _TRANSFORMERS < (5, 24):
+        # NOTE: transformers 5.17's LongCat MoE block unpacks two router outputs where its router
+        # returns three: the tiny model cannot run a forward there, replay or not
+        pytest.skip("LongCat's MoE block cannot run a forward in transformers < 5.24")
     model = _build(arch).train()
     info = replay_sites(model)
     ids_BS = _ids()
