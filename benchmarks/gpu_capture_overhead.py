@@ -56,8 +56,10 @@ SMALL = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=64,
              num_experts=32, num_experts_per_tok=4, vocab_size=1024)
 
 
-def build_model(shape: dict[str, int], *, seed: int = 0) -> Any:
-    """A Qwen3-MoE of ``shape`` on CUDA in bf16, random weights, grouped_mm experts, sdpa."""
+def build_model(shape: dict[str, int], *, seed: int = 0, device: str = "cuda",
+                dtype: torch.dtype = torch.bfloat16) -> Any:
+    """A Qwen3-MoE of ``shape`` (on CUDA in bf16 by default), random weights, grouped_mm experts,
+    sdpa. Also the model of benchmarks/replay_step.py."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     cfg = Qwen3MoeConfig(**shape, max_position_embeddings=16384, norm_topk_prob=True,
@@ -65,9 +67,9 @@ def build_model(shape: dict[str, int], *, seed: int = 0) -> Any:
     cfg._experts_implementation = "grouped_mm"
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = Qwen3MoeForCausalLM(cfg)
     finally:
         torch.set_default_dtype(prev)

@@ -30,9 +30,11 @@ CPU smoke test:    python benchmarks/replay_step.py --tiny --repeats 3
 from __future__ import annotations
 
 import argparse
+import sys
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +42,9 @@ import torch.nn.functional as F
 
 from routecap.integrations.hf import attach_router_hooks, find_moe_routers
 from routecap.replay import replay
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_capture_overhead as _capture_bench  # noqa: E402  (one home for the benchmark model)
 
 QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                      num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
@@ -50,29 +55,9 @@ TINY = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num
 
 
 def build_model(shape: dict[str, int], *, device: str, dtype: torch.dtype, seed: int = 0) -> Any:
-    """A Qwen3-MoE of ``shape``: random weights (router scores well separated), grouped_mm experts."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    cfg = Qwen3MoeConfig(**shape, max_position_embeddings=16384, norm_topk_prob=True,
-                         tie_word_embeddings=False, attn_implementation="sdpa")
-    cfg._experts_implementation = "grouped_mm"
-    torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen3MoeForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            elif name.endswith("gate.weight"):
-                p.normal_(0.0, shape["hidden_size"] ** -0.5)
-            else:
-                p.normal_(0.0, 0.02)
-    return model
+    """A Qwen3-MoE of ``shape``: the capture benchmark's model (random weights, router scores well
+    separated, grouped_mm experts), in train-ready form."""
+    return _capture_bench.build_model(shape, seed=seed, device=device, dtype=dtype)
 
 
 def bytes_per_layer(shape: dict[str, int], tokens: int, elem: int = 2) -> int:
