@@ -96,8 +96,7 @@ def _launch(entry, nproc: int, *, args, rdzv: Rendezvous, env, log_dir, preload)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if quiet:
-        _quiet_loggers()
+    levels = _quiet_loggers() if quiet else {}
     if rdzv.node_rank is not None:  # torchrun --node-rank R --master-addr H --master-port P
         host, _, port = (rdzv.endpoint or "127.0.0.1:29500").rpartition(":")
         backend, endpoint = "static", f"{host}:{port}"
@@ -128,18 +127,26 @@ def _launch(entry, nproc: int, *, args, rdzv: Rendezvous, env, log_dir, preload)
         elastic_launch(config, target)(*argv)
     except ChildFailedError as e:
         return {rank: int(f.exitcode) for rank, f in e.failures.items()}
+    finally:
+        for logger, level in levels.items():
+            logger.setLevel(level)
     return {}
 
 
-def _quiet_loggers() -> None:
-    """The failure of a function rank is logged with a traceback by torch's process context
-    (and the stopping of its peers as a warning): the rank has said what went wrong already."""
+def _quiet_loggers() -> dict[Any, int]:
+    """Silence, for one launch, what torch's process context logs when a function rank fails (a
+    traceback, and a warning per peer it stops): the rank has said what went wrong already.
+    Returns the loggers' levels before."""
     import logging
 
+    levels = {}
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):
         for logger_name in [name, *(n for n in logging.root.manager.loggerDict
                                     if n.startswith(name + "."))]:
-            logging.getLogger(logger_name).setLevel(logging.CRITICAL)
+            logger = logging.getLogger(logger_name)
+            levels[logger] = logger.level
+            logger.setLevel(logging.CRITICAL)
+    return levels
 
 
 def cli_rank(command: str, params: dict[str, Any]) -> None:
@@ -151,13 +158,12 @@ def cli_rank(command: str, params: dict[str, Any]) -> None:
         import torch
 
         torch.set_num_threads(int(threads))
-    import click
     import typer
 
     from . import cli
 
     try:
         getattr(cli, command)(None, **params)
-    except (typer.Exit, click.exceptions.Exit) as e:
+    except typer.Exit as e:
         if e.exit_code:
             sys.exit(e.exit_code)
