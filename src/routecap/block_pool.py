@@ -57,6 +57,10 @@ class BlockPool:
         # flat views: one row per (block, position), for the scatter/gather of whole rows
         self.ids_rows = self.ids.reshape(B * P, L * K)
         self.valid_rows = self.valid.reshape(B * P, L)
+        self.ids_cells = self.ids.reshape(B * P * L, K)
+        # 8 one-byte ids per cell: the same bytes as one uint64 per cell (the compiled row check)
+        self.ids_words = (self.ids.reshape(-1).view(np.uint64) if dtype == np.uint8 and K == 8
+                          else np.zeros(1, np.uint64))
 
     # ---- state ---------------------------------------------------------------------------------
     @property
@@ -151,6 +155,15 @@ class BlockPool:
         self.last_use[bs] = self.clock + 1 + np.arange(count)
         self.clock += count
         return bs
+
+    def untake(self, bs: np.ndarray) -> None:
+        """Give back blocks from :meth:`take_many` that no table entry ever named (a refused call)."""
+        self.refs[bs] = 0
+        self.in_use_mask[bs] = False
+        self.valid[bs] = False
+        n = bs.shape[0]
+        self._free[self._nfree:self._nfree + n] = bs[::-1]
+        self._nfree += n
 
     def unreserve(self) -> None:
         """Give back what a reservation did not use."""

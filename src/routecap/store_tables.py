@@ -152,6 +152,10 @@ class RequestTables:
         pool.shrink_to_limit(pinned)
         pool.reserve(new_blocks, pinned)
 
+    def fits_without_eviction(self, new_blocks: int, table_growth: int) -> bool:
+        """``new_blocks`` and ``table_growth`` table bytes fit with no block evicted."""
+        return self.limit_for(self.table_bytes + table_growth) >= self.pool.in_use + new_blocks
+
     def grow(self, req: _Request, need: int) -> None:
         """Make room for ``need`` table entries (bytes were accounted for by the caller)."""
         cap = req.capacity
@@ -202,6 +206,7 @@ class RequestTables:
         self.cap = np.concatenate([self.cap, np.zeros(n, np.int64)])
         self.serial = np.concatenate([self.serial, np.zeros(n, np.int64)])
         self.live = np.concatenate([self.live, np.zeros(n, np.bool_)])
+        self.mark = np.concatenate([self.mark, np.full(n, -1, np.int64)])
         self.free_slots.extend(range(2 * n - 1, n - 1, -1))
         self.by_slot.extend([None] * n)
 
