@@ -137,7 +137,6 @@ def test_copy_check_runs_matches_check_then_copy(seed, shape, with_valid, p_bad)
     dst = np.zeros((R, L, K), dtype)
     dst_valid = np.zeros((R, L), np.bool_)
     got = copy_check_runs(dst.reshape(R * L, K), ids.reshape(N * L, K),
-                          dst.reshape(-1).view(np.uint64) if swar else np.zeros(1, np.uint64),
                           ids.reshape(-1).view(np.uint64) if swar else np.zeros(1, np.uint64),
                           swar, dst_valid, valid if with_valid else np.zeros((1, L), np.bool_),
                           with_valid, d, s_, n, E)

@@ -58,9 +58,6 @@ class BlockPool:
         self.ids_rows = self.ids.reshape(B * P, L * K)
         self.valid_rows = self.valid.reshape(B * P, L)
         self.ids_cells = self.ids.reshape(B * P * L, K)
-        # 8 one-byte ids per cell: the same bytes as one uint64 per cell (the compiled row check)
-        self.ids_words = (self.ids.reshape(-1).view(np.uint64) if dtype == np.uint8 and K == 8
-                          else np.zeros(1, np.uint64))
 
     # ---- state ---------------------------------------------------------------------------------
     @property
@@ -142,13 +139,18 @@ class BlockPool:
         self.last_use[b] = self.clock
         return b
 
-    def take_many(self, count: int) -> np.ndarray:
-        """``count`` fresh blocks at once (see :meth:`take`)."""
+    def take_many(self, count: int, *, clear_valid: bool = True) -> np.ndarray:
+        """``count`` fresh blocks at once (see :meth:`take`).
+
+        ``clear_valid=False``: the caller marks every row's validity itself (it writes whole
+        blocks and clears the rest), so the pass over their masks is saved.
+        """
         if not count:
             return np.zeros(0, np.int64)
         bs = np.array(self._reserved[len(self._reserved) - count:], np.int64)
         del self._reserved[len(self._reserved) - count:]
-        self.valid[bs] = False
+        if clear_valid:
+            self.valid[bs] = False
         self.lost[bs] = False
         self.refs[bs] = 1
         self.in_use_mask[bs] = True

@@ -159,9 +159,9 @@ class StepIngest:
         clock = pool.tick()
         r = step_fast(handles, from_handles, t.serial, t.live, slots, starts, rows, ns, seek,
                       t.length, t.tail_b, t.tail_g, t.cap, pool.gen, pool.refs, pool.published, P,
-                      kind, lens, t.mark, pool.ids_cells, src.cells, pool.ids_words, src.words,
-                      self.swar, pool.valid_rows, valid, has_valid, self.num_experts,
-                      pool.last_use, clock, d, s, n)
+                      kind, lens, t.mark, pool.ids_cells, src.cells, src.words, self.swar,
+                      pool.valid_rows, valid, has_valid, self.num_experts, pool.last_use, clock,
+                      d, s, n)
         if r == STEP_STORED:
             return
         if r >= 0:
@@ -214,21 +214,23 @@ class StepIngest:
             return False
         t.make_room(where, need, growth, _NO_PINS)  # evicts nothing (checked above)
         try:
-            bs = pool.take_many(need)
+            bs = pool.take_many(need, clear_valid=False)
         finally:
             pool.unreserve()
+        first = np.cumsum(nblk) - nblk
+        last = bs[first + nblk - 1]
+        # the copy marks the rows it writes; the rest of a partly written last block is invalid
+        pool.valid[last[ns[fi] % P != 0]] = False
         fa = np.flatnonzero(kind == SEG_FAST)
         fs = slots[fa]
         fb = t.tail_b[fs]
-        first = np.cumsum(nblk) - nblk
         seg = np.repeat(np.arange(fi.size), nblk)
         k = np.arange(need) - first[seg]
         d = np.concatenate([fb * P + starts[fa] % P, bs * P])
         s = np.concatenate([rows[fa], rows[fi][seg] + k * P])
         n = np.concatenate([ns[fa], np.minimum(P, ns[fi][seg] - k * P)])
-        bad = copy_check_runs(pool.ids_cells, src.cells, pool.ids_words, src.words, self.swar,
-                              pool.valid_rows, src.valid, src.has_valid, d, s, n,
-                              self.num_experts)
+        bad = copy_check_runs(pool.ids_cells, src.cells, src.words, self.swar, pool.valid_rows,
+                              src.valid, src.has_valid, d, s, n, self.num_experts)
         if bad >= 0:
             pool.untake(bs)
             t.table_bytes -= growth
@@ -239,7 +241,6 @@ class StepIngest:
         t.tail_b[fs] = np.where(end % P == 0, -1, fb)
         pool.last_use[fb] = clock
         # the new blocks into the tables: Python per request, on this event only
-        last = bs[first + nblk - 1]
         sl = slots[fi]
         end = starts[fi] + ns[fi]
         t.length[sl] = end

@@ -257,26 +257,23 @@ else:  # pragma: no cover
 
 # ---- the fused step: rows checked as they are copied into the pool ---------------------------
 
-def _word_flags_py(x, add, range_check):  # pragma: no cover (compiled)
-    # 8 one-byte ids in a uint64: nonzero iff an id >= E (range_check, E <= 128) or two are equal
+def _word_flags_py(x, add, rmask):  # pragma: no cover (compiled)
+    # 8 one-byte ids in a uint64: nonzero iff an id >= E (see rmask) or two ids are equal.
+    # x ^ rotate(x, 8j) has a zero byte where ids j apart are equal (rotations by 1..4 bytes
+    # compare every pair); (v - 0x01..) & ~v has the top bit of some byte set iff v has a zero
+    # byte.
     lo = np.uint64(0x0101010101010101)
     hi = np.uint64(0x8080808080808080)
-    f = np.uint64(0)
-    if range_check:
-        f = ((x + add) | x) & hi
-    r = (x >> np.uint64(8)) | (x << np.uint64(56))
-    v = x ^ r
-    f |= (v - lo) & ~v & hi
-    r = (x >> np.uint64(16)) | (x << np.uint64(48))
-    v = x ^ r
-    f |= (v - lo) & ~v & hi
-    r = (x >> np.uint64(24)) | (x << np.uint64(40))
-    v = x ^ r
-    f |= (v - lo) & ~v & hi
-    r = (x >> np.uint64(32)) | (x << np.uint64(32))
-    v = x ^ r
-    f |= (v - lo) & ~v & hi
-    return f
+    g = ((x + add) | x) & rmask
+    v = x ^ ((x >> np.uint64(8)) | (x << np.uint64(56)))
+    z = (v - lo) & ~v
+    v = x ^ ((x >> np.uint64(16)) | (x << np.uint64(48)))
+    z |= (v - lo) & ~v
+    v = x ^ ((x >> np.uint64(24)) | (x << np.uint64(40)))
+    z |= (v - lo) & ~v
+    v = x ^ ((x >> np.uint64(32)) | (x << np.uint64(32)))
+    z |= (v - lo) & ~v
+    return g | (z & hi)
 
 
 def _cell_bad_py(cells, i, K, E):
@@ -307,42 +304,48 @@ else:  # pragma: no cover
     _word_flags, _cell_bad, _undo_valid = _word_flags_py, _cell_bad_py, _undo_valid_py
 
 
-def copy_check_runs_py(dst_cells, src_cells, dst_words, src_words, swar, dst_valid, src_valid,
-                       has_valid, d, s, n, E):
-    """Copy runs of step rows into pool rows, checking each row as it is copied (read once).
+def copy_check_runs_py(dst_cells, src_cells, src_words, swar, dst_valid, src_valid, has_valid,
+                       d, s, n, E):
+    """Copy runs of step rows into pool rows, checking each row before it is copied.
 
     Shapes: ``dst_cells [R*L, K]`` / ``dst_valid [R, L]`` (the pool's rows), ``src_cells [N*L, K]``
     / ``src_valid [N, L]`` (the step; ``has_valid`` False: every cell valid, ``src_valid`` unused).
     Run q: rows ``[s[q], s[q] + n[q])`` to ``[d[q], d[q] + n[q])``. With ``swar`` (uint8 ids,
-    K = 8, E <= 128 or E >= 256) ``dst_words``/``src_words`` are the same bytes as uint64 cells.
+    K = 8, E <= 128 or E >= 256) ``src_words`` holds the step's cells as one uint64 each.
 
-    Returns -1 when every row was stored; else the flat index ``row * L + layer`` of a bad valid
-    cell (an id >= E, or a repeated id), and then every destination row this call wrote is
-    invalid again (rows are checked before they are copied: the bad row's run is not written).
-    The caller guarantees that those rows were invalid before (fresh blocks, rows
-    past a request's length in its private tail block) and that destinations do not overlap.
+    Runs whose step rows follow each other (a decode step's rows, a prefill chunk's blocks) are
+    checked together, up to 32 KB at a time, and then copied while those bytes are in cache.
+
+    Returns -1 when every row was stored; else the flat index ``row * L + layer`` of the first
+    bad valid cell in run order (an id >= E, or a repeated id), and then every destination row
+    this call wrote is invalid again. The caller guarantees that those rows were invalid before
+    (fresh blocks, rows past a request's length in its private tail block) and that
+    destinations do not overlap.
     """
     L = dst_valid.shape[1]
     K = dst_cells.shape[1]
     R = dst_valid.shape[0]
     N = src_cells.shape[0] // L
+    W = L * K
     # the contract, checked at the boundary (bounds checking covers the rest in tests)
     assert src_cells.shape[0] == N * L and src_cells.shape[1] == K and dst_cells.shape[0] == R * L
     assert d.shape[0] == s.shape[0] and n.shape[0] == d.shape[0]
     assert not has_valid or (src_valid.shape[0] == N and src_valid.shape[1] == L)
-    assert not swar or (K == 8 and (E <= 128 or E >= 256) and dst_words.shape[0] == R * L
-                        and src_words.shape[0] == N * L)
+    assert not swar or (K == 8 and (E <= 128 or E >= 256) and src_words.shape[0] == N * L)
     for q in range(d.shape[0]):
         assert n[q] >= 0 and s[q] >= 0 and s[q] + n[q] <= N and d[q] >= 0 and d[q] + n[q] <= R
-    range_check = E <= 128
+    dst_rows = dst_cells.reshape(R, W)
+    src_rows = src_cells.reshape(N, W)
+    # the range test (x + add) | x sets the top bit of a byte >= E when E <= 128; with E >= 256
+    # a byte is always < E and the test is masked off
     add = np.uint64(0)
-    if range_check:
+    rmask = np.uint64(0)
+    if E <= 128:
         add = np.uint64(0x0101010101010101) * np.uint64(127 - (E - 1))
+        rmask = np.uint64(0x8080808080808080)
     Q = d.shape[0]
     q0 = 0
     while q0 < Q:
-        # a group of runs whose step rows are contiguous (a decode step's rows, a prefill
-        # chunk's blocks), up to ~32 KB: checked in one pass, then copied while still in cache
         c0 = s[q0] * L
         c1 = c0 + n[q0] * L
         q1 = q0 + 1
@@ -351,14 +354,15 @@ def copy_check_runs_py(dst_cells, src_cells, dst_words, src_words, swar, dst_val
             q1 += 1
         bad = -1
         if swar:
+            # one pass over the group's cells, no branch inside (vectorised)
             f = np.uint64(0)
             if has_valid:
                 for i in range(c0, c1):
-                    f |= _word_flags(src_words[i], add, range_check) * np.uint64(
+                    f |= _word_flags(src_words[i], add, rmask) * np.uint64(
                         src_valid[i // L, i % L])
             else:
                 for i in range(c0, c1):
-                    f |= _word_flags(src_words[i], add, range_check)
+                    f |= _word_flags(src_words[i], add, rmask)
             if f != 0:
                 for i in range(c0, c1):
                     if (not has_valid or src_valid[i // L, i % L]) and _cell_bad(src_cells, i, K, E):
@@ -374,17 +378,17 @@ def copy_check_runs_py(dst_cells, src_cells, dst_words, src_words, swar, dst_val
             _undo_valid(dst_valid, d, n, q0, 0)
             return bad
         for q in range(q0, q1):
-            a0 = (d[q] - s[q]) * L
-            if swar:
-                for i in range(s[q] * L, (s[q] + n[q]) * L):
-                    dst_words[a0 + i] = src_words[i]
-            else:
-                for i in range(s[q] * L, (s[q] + n[q]) * L):
-                    for c in range(K):
-                        dst_cells[a0 + i, c] = src_cells[i, c]
             for r in range(n[q]):
-                for c in range(L):
-                    dst_valid[d[q] + r, c] = src_valid[s[q] + r, c] if has_valid else True
+                a = d[q] + r
+                b = s[q] + r
+                for c in range(W):
+                    dst_rows[a, c] = src_rows[b, c]
+                if has_valid:
+                    for c in range(L):
+                        dst_valid[a, c] = src_valid[b, c]
+                else:
+                    for c in range(L):
+                        dst_valid[a, c] = True
         q0 = q1
     return -1
 
@@ -400,8 +404,8 @@ STEP_STORED, STEP_EVENTS = -1, -2
 
 def step_fast_py(handles, from_handles, serial, live, slots, starts, rows, ns, seek,
                  length, tail_b, tail_g, cap, gen, refs, published, P, kind, lens, mark,
-                 dst_cells, src_cells, dst_words, src_words, swar, dst_valid, src_valid,
-                 has_valid, E, last_use, clock, d, s, n):  # noqa: PLR0913
+                 dst_cells, src_cells, src_words, swar, dst_valid, src_valid, has_valid, E,
+                 last_use, clock, d, s, n):  # noqa: PLR0913
     """One engine step in one compiled call when no segment needs an event (a new block...).
 
     Maps ``handles`` (``serial << 32 | slot``, checked against ``serial``/``live``, when
@@ -449,8 +453,8 @@ def step_fast_py(handles, from_handles, serial, live, slots, starts, rows, ns, s
             k += 1
         elif kind[i] != SEG_NOOP:
             return STEP_EVENTS
-    bad = copy_check_runs(dst_cells, src_cells, dst_words, src_words, swar, dst_valid,
-                          src_valid, has_valid, d[:k], s[:k], n[:k], E)
+    bad = copy_check_runs(dst_cells, src_cells, src_words, swar, dst_valid, src_valid,
+                          has_valid, d[:k], s[:k], n[:k], E)
     if bad >= 0:
         return -3 - bad
     for i in range(S):
