@@ -46,7 +46,8 @@ request as it was. Every refusal is a :class:`StoreError`.
 :mod:`~routecap.block_pool` (blocks, references, LRU, hash index, eviction),
 :mod:`~routecap.store_tables` (request block tables, their per-slot state and bytes),
 :mod:`~routecap.store_prefix` (prefix-cache attachment: publish, attach, waits on hashes),
-:mod:`~routecap.store_ingest` (one engine step into the tables), :mod:`~routecap.store_read`
+:mod:`~routecap.store_ingest` (one engine step into the tables; its general path in
+:mod:`~routecap.store_resolve`), :mod:`~routecap.store_read`
 (coverage and the gather behind :meth:`RouteStore.take`) and :mod:`~routecap.store_rows` (the
 compiled per-step kernels).
 """

@@ -8,6 +8,12 @@ rows of a step are ignored, as documented), and only valid cells. The check runs
 speed for the common router shape of 8 one-byte ids per row (top-8 of up to 256 experts) with a
 SWAR kernel; other shapes use a general compiled loop; :func:`first_bad_cell_reference` is the
 plain numpy definition both are tested against.
+
+The per-step kernels live here too: :func:`classify_segments` (what storing each segment takes),
+:func:`step_fast` (a whole step whose rows all go into private tail blocks, in one call),
+:func:`copy_check_runs` (rows checked, then copied into the pool while in cache; a refusal
+undoes what was written), and the plain scatter of the general path. Every kernel asserts its
+contract (shapes, run bounds) at its boundary; the tests run them under ``NUMBA_BOUNDSCHECK=1``.
 """
 
 from __future__ import annotations
