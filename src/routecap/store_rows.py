@@ -4,9 +4,10 @@ Shape legend: N rows of one step, L MoE layers, K top-k.
 
 The store checks every row it stores once, on the way in, so that :meth:`RouteStore.take` can
 hand out traces without scanning them again. Only rows a segment names are checked (padding
-rows of a step are ignored, as documented), and only valid cells. The check runs at memory
-speed for the common router shape of 8 one-byte ids per row (top-8 of up to 256 experts) with a
-SWAR kernel; other shapes use a general compiled loop; :func:`first_bad_cell_reference` is the
+rows of a step are ignored, as documented), and only valid cells. For the common router shape
+of 8 one-byte ids per cell (top-8 of up to 128, or of 256, experts) the check reads each cell as
+one 64-bit word (SWAR, about 1.5 copies of the same bytes on the benchmark machine); other
+shapes use a general compiled loop; :func:`first_bad_cell_reference` is the
 plain numpy definition both are tested against.
 
 The per-step kernels live here too: :func:`classify_segments` (what storing each segment takes),
