@@ -218,6 +218,26 @@ def test_ingest_arrays_matches_ingest_and_refuses_stale_handles():
     s.check_invariants()
 
 
+
+def test_ingest_arrays_takes_any_integer_vectors():
+    # int64 C-contiguous vectors go straight to the compiled step; other integer dtypes, strided
+    # views and mismatched lengths take the converting path (same result, or the same error)
+    s = store()
+    for r in "ab":
+        s.add_request(r, prompt_len=2)
+    h = np.array([s.handle("a"), s.handle("b")])
+    s.ingest_arrays(rows(1, 8), None, h.astype(np.uint64), np.array([0, 0], np.int32),
+                    np.array([[0, 5], [1, 5]])[:, 0], np.ones(2, np.int16))
+    s.ingest_arrays(rows(2, 9), None, h, np.ones(2, np.int64), np.arange(2, dtype=np.int64),
+                    np.ones(2, np.int64))
+    assert firsts(s.take("a")) == [1, 2] and firsts(s.take("b")) == [8, 9]
+    with pytest.raises(StoreError, match=r"expected num_rows to be a 1-D integer array of \(2,\)"):
+        s.ingest_arrays(rows(3, 7), None, h, np.full(2, 2), np.arange(2), np.ones(3, np.int64))
+    with pytest.raises(StoreError, match="expected handles to be a 1-D integer array"):
+        s.ingest_arrays(rows(3, 7), None, list(h), np.full(2, 2), np.arange(2), np.ones(2))
+    assert s.length("a") == 2 and s.length("b") == 2
+    s.check_invariants()
+
 def test_bad_calls_change_nothing():
     s = store()
     s.add_request("a", prompt_len=3)

@@ -216,3 +216,45 @@ def test_simulator_through_the_compiled_paths(seed):
     # shape of the word-wise row check; under NUMBA_BOUNDSCHECK in make test
     st_ = simulate(seed, 120, ranks=2, L=3, K=8, E=128, budget_blocks=40 if seed else None)
     assert st_.wrong_cells == 0 and st_.checked_cells > 0
+
+
+@pytest.mark.parametrize("E", [1, 8, 100, 127, 128, 256])
+def test_word_check_on_edge_bytes(E):
+    # the vectorised 8-id word check (ids < 128: the 7-bit sum trick; E = 256: zero-byte trick)
+    # cell by cell against the definition, on bytes at the edges (E - 1, E, 127, 128, 255),
+    # with repeats at every distance, and with a bad cell next to good ones in one word group
+    rng = np.random.default_rng(E)
+    alphabet = np.array(sorted({0, 1, E - 1, E, 126, 127, 128, 129, 254, 255} & set(range(256))),
+                        np.uint8)
+    cells = []
+    for _ in range(3000):
+        if rng.random() < 0.5:  # 8 distinct ids, one of them maybe replaced by an edge byte
+            c = rng.permutation(256)[:8].astype(np.uint8) if E == 256 else \
+                rng.permutation(np.arange(max(E, 8)))[:8].astype(np.uint8)
+            if rng.random() < 0.5:
+                c[rng.integers(8)] = rng.choice(alphabet)
+        else:
+            c = rng.choice(alphabet, 8)
+        cells.append(c)
+    for a in range(8):  # one repeat at each pair of positions, ids otherwise distinct and < E
+        for b in range(a):
+            c = (np.arange(8) * max(1, min(E, 128) // 8)).astype(np.uint8)
+            c[a] = c[b]
+            cells.append(c)
+    ids = np.stack(cells)[:, None, :]  # [N, L=1, K=8]
+    N = ids.shape[0]
+    for valid in (None, rng.random((N, 1)) < 0.7):
+        want = first_bad_cell_reference(ids, valid, np.arange(N), np.ones(N, np.int64), E)
+        got = [first_bad_cell(ids[i:i + 1], None if valid is None else valid[i:i + 1],
+                              np.array([0]), np.array([1]), E) for i in range(N)]
+        ref = [first_bad_cell_reference(ids[i:i + 1], None if valid is None else valid[i:i + 1],
+                                        np.array([0]), np.array([1]), E) for i in range(N)]
+        assert got == ref
+        # whole groups at once: the first bad cell of each group of 64
+        for g in range(0, N, 64):
+            part = ids[g:g + 64]
+            pv = None if valid is None else valid[g:g + 64]
+            n = np.array([part.shape[0]])
+            assert first_bad_cell(part, pv, np.array([0]), n, E) == \
+                first_bad_cell_reference(part, pv, np.array([0]), n, E)
+        assert want == first_bad_cell(ids, valid, np.array([0]), np.array([N]), E)

@@ -41,9 +41,12 @@ class BlockPool:
         self.ids = np.zeros((B, P, L, K), dtype)
         self.valid = np.zeros((B, P, L), np.bool_)
         self.lost = np.zeros((B, P), np.bool_)
-        self.gen = np.zeros(B, np.int64)
+        # generation and last use (the clock) per block: rows of one array (one argument of the
+        # store's compiled step), each also an attribute (a view)
+        self.gen_use = np.zeros((2, B), np.int64)
+        self.gen = self.gen_use[0]
         self.refs = np.zeros(B, np.int32)
-        self.last_use = np.zeros(B, np.int64)  # the clock at the block's last use
+        self.last_use = self.gen_use[1]
         self.published = np.zeros(B, np.bool_)
         self.in_use_mask = np.zeros(B, np.bool_)
         self.hash_of: dict[int, Hashable] = {}
@@ -149,14 +152,28 @@ class BlockPool:
             return np.zeros(0, np.int64)
         bs = np.array(self._reserved[len(self._reserved) - count:], np.int64)
         del self._reserved[len(self._reserved) - count:]
+        self._mark_taken(bs, clear_valid)
+        return bs
+
+    def take_free(self, count: int, *, clear_valid: bool = True) -> np.ndarray:
+        """:meth:`take_many` straight from the free stack (one slice, no reservation), for a
+        caller that checked that ``count`` more blocks fit under the limit without an eviction.
+        """
+        assert self.in_use + len(self._reserved) + count <= self.limit, "take_free() over limit"
+        n = self._nfree
+        bs = self._free[n - count:n].copy()  # the blocks reserve() + take_many() would give
+        self._nfree = n - count
+        self._mark_taken(bs, clear_valid)
+        return bs
+
+    def _mark_taken(self, bs: np.ndarray, clear_valid: bool) -> None:
         if clear_valid:
             self.valid[bs] = False
         self.lost[bs] = False
         self.refs[bs] = 1
         self.in_use_mask[bs] = True
-        self.last_use[bs] = self.clock + 1 + np.arange(count)
-        self.clock += count
-        return bs
+        self.last_use[bs] = self.clock + 1 + np.arange(bs.shape[0])
+        self.clock += bs.shape[0]
 
     def untake(self, bs: np.ndarray) -> None:
         """Give back blocks from :meth:`take_many` that no table entry ever named (a refused call)."""

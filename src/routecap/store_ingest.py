@@ -70,6 +70,7 @@ class StepIngest:
         self.dtype = dtype
         self._no_valid = np.zeros((1, num_layers), np.bool_)
         self._no_words = np.zeros(1, np.uint64)
+        self._scratch = np.empty((5, 256), np.int64)  # slots, lens, runs: step_fast's output
         # the row check reads 8 one-byte ids as one word when the range test fits (see store_rows)
         self.swar = bool(_HAVE_NUMBA and dtype == np.uint8 and top_k == 8
                          and (num_experts <= 128 or num_experts >= 256))
@@ -133,17 +134,16 @@ class StepIngest:
         """Segments as integer arrays (see :meth:`routecap.store.RouteStore.ingest_arrays`)."""
         where = "ingest_arrays"
         self.check_rows(where, ids_NLK, valid_NL)
-        arrs = []
-        for name, a in (("handles", handles), ("starts", starts), ("first_rows", first_rows),
-                        ("num_rows", num_rows)):
-            if (not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "iu"
-                    or a.shape != np.shape(handles)):
-                raise StoreError(f"{where}: expected {name} to be a 1-D integer array of "
-                                 f"{np.shape(handles)} entries, got "
-                                 f"{getattr(a, 'dtype', type(a).__name__)} {np.shape(a)}")
-            arrs.append(np.ascontiguousarray(a, np.int64))
-        h, st, rw, ns = arrs
-        self.store_step(where, ids_NLK, valid_NL, h, True, st, rw, ns, seek)
+        shape = getattr(handles, "shape", None)
+        # NOTE: the common case (four C-contiguous int64 vectors) is tested without converting:
+        # this call runs once per engine step, and each conversion costs about a microsecond
+        if not (len(shape or ()) == 1 and _is_i64_vector(handles, shape)
+                and _is_i64_vector(starts, shape) and _is_i64_vector(first_rows, shape)
+                and _is_i64_vector(num_rows, shape)):
+            handles, starts, first_rows, num_rows = _segment_arrays(
+                where, handles, starts, first_rows, num_rows)
+        self.store_step(where, ids_NLK, valid_NL, handles, True, starts, first_rows, num_rows,
+                        seek)
 
     # ---- the step -------------------------------------------------------------------------------
     def store_step(self, where: str, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
@@ -159,17 +159,17 @@ class StepIngest:
         src = _StepRows(ids=ids, cells=ids.reshape(N * L, K),
                         words=ids.reshape(-1).view(np.uint64) if self.swar else self._no_words,
                         valid=valid, has_valid=has_valid)
-        scratch = np.empty((5, S), np.int64)
-        slots, lens, d, s, n = scratch
+        if S > self._scratch.shape[1]:
+            self._scratch = np.empty((5, 2 * S), np.int64)
         kind = np.empty(S, np.int8)
         clock = pool.tick()
-        r = step_fast(handles, from_handles, t.serial, t.live, slots, starts, rows, ns, seek,
-                      t.length, t.tail_b, t.tail_g, t.cap, pool.gen, pool.refs, pool.published, P,
-                      kind, lens, t.mark, pool.ids_cells, src.cells, src.words, self.swar,
-                      pool.valid_rows, valid, has_valid, self.num_experts, pool.last_use, clock,
-                      d, s, n)
+        r = step_fast(handles, from_handles, t.slot_state, starts, rows, ns, seek, pool.gen_use,
+                      pool.refs, pool.published, P, self._scratch, kind, pool.ids_cells,
+                      src.cells, src.words, self.swar, pool.valid_rows, valid, has_valid,
+                      self.num_experts, clock)
         if r == STEP_STORED:
             return
+        slots, lens = self._scratch[:2, :S].copy()  # (the scratch is reused by the next step)
         if r >= 0:
             self._raise_segment(where, r, handles, slots, starts, rows, ns, lens, N)
         if r != STEP_EVENTS:
@@ -218,11 +218,8 @@ class StepIngest:
             growth = sum(t.growth_bytes(q, e) for q, e in zip(reqs, j1.tolist(), strict=True))
         if not t.fits_without_eviction(need, growth):
             return False
-        t.make_room(where, need, growth, _NO_PINS)  # evicts nothing (checked above)
-        try:
-            bs = pool.take_many(need, clear_valid=False)
-        finally:
-            pool.unreserve()
+        t.make_room(where, 0, growth, _NO_PINS)  # the table bytes; evicts nothing (checked)
+        bs = pool.take_free(need, clear_valid=False)
         first = np.cumsum(nblk) - nblk
         last = bs[first + nblk - 1]
         # the copy marks the rows it writes; the rest of a partly written last block is invalid
@@ -298,3 +295,24 @@ def _raise_position(where: str, request: Hashable, length: int, start: int) -> N
             "seek=True")
     raise StoreError(f"{where}: a gap: the write starts at {start} but request {request!r} has "
                      f"{length} positions (expected {length}, or pass seek=True)")
+
+
+_I64 = np.dtype(np.int64)
+
+
+def _is_i64_vector(a: Any, shape: tuple[int, ...]) -> bool:
+    return type(a) is np.ndarray and a.dtype is _I64 and a.shape == shape and a.flags.c_contiguous
+
+
+def _segment_arrays(where: str, *arrays: Any) -> list[np.ndarray]:
+    """The segment arrays of :meth:`StepIngest.ingest_arrays` as C-contiguous int64 vectors."""
+    out = []
+    shape = np.shape(arrays[0])
+    for name, a in zip(("handles", "starts", "first_rows", "num_rows"), arrays, strict=True):
+        if (not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "iu"
+                or a.shape != shape):
+            raise StoreError(f"{where}: expected {name} to be a 1-D integer array of "
+                             f"{shape} entries, got {getattr(a, 'dtype', type(a).__name__)} "
+                             f"{np.shape(a)}")
+        out.append(np.ascontiguousarray(a, np.int64))
+    return out

@@ -21,6 +21,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from .store_tables import (
+    SLOT_CAP,
+    SLOT_LENGTH,
+    SLOT_LIVE,
+    SLOT_MARK,
+    SLOT_ROWS,
+    SLOT_SERIAL,
+    SLOT_TAIL_B,
+    SLOT_TAIL_G,
+)
+
 try:  # numba is a dependency; the numpy reference keeps the store usable without it
     import numba as _nb
 
@@ -56,42 +67,101 @@ def first_bad_cell_reference(ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
     return -1
 
 
+# The row check for 8 one-byte ids per cell, one uint64 each (E <= 128 or E >= 256): over cells
+# c0..c1-1, False when every valid cell is good (ids < E, 8 distinct), True when some valid cell
+# is bad (the caller finds it with the scalar loop). No branch in the loops, so that LLVM
+# vectorises them (AVX2: 4 cells an instruction, byte rotations as shuffles); each variant is
+# its own function. A byte of x ^ rotate(x, 8j) is zero where ids j apart
+# are equal; rotations by 1..4 bytes compare every pair.
+#
+# E <= 128: ((x + add) | x) has the top bit of a byte >= E set. When every id is < 128 the bytes
+# of v = x ^ rotate(x) are 7-bit, and v + 0x7f.. sets a byte's top bit iff the byte is not zero
+# (no carry between bytes): a cell is good iff its 4 sums ANDed keep every top bit, and all are
+# good iff the AND over the cells does. A byte >= 128 makes its cell's sums meaningless, but the
+# range word flags that cell already.
+
+def _pairs7(x):  # pragma: no cover (compiled)
+    s7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+    a = (x ^ ((x >> np.uint64(8)) | (x << np.uint64(56)))) + s7
+    a &= (x ^ ((x >> np.uint64(16)) | (x << np.uint64(48)))) + s7
+    a &= (x ^ ((x >> np.uint64(24)) | (x << np.uint64(40)))) + s7
+    return a & ((x ^ ((x >> np.uint64(32)) | (x << np.uint64(32)))) + s7)
+
+
+def _small_all_py(words, c0, c1, E):  # pragma: no cover (compiled)
+    hi = np.uint64(0x8080808080808080)
+    add = np.uint64(0x0101010101010101) * np.uint64(127 - (E - 1))
+    orx = np.uint64(0)
+    acc = hi
+    w = words[c0:c1]  # (indices from 0: LLVM then knows they are not negative, and vectorises)
+    for i in range(w.shape[0]):
+        x = w[i]
+        orx |= (x + add) | x
+        acc &= _pairs7(x)
+    return (orx & hi) != 0 or (acc & hi) != hi
+
+
+def _small_valid_py(words, vflat, c0, c1, E):  # pragma: no cover (compiled)
+    hi = np.uint64(0x8080808080808080)
+    add = np.uint64(0x0101010101010101) * np.uint64(127 - (E - 1))
+    orx = np.uint64(0)
+    acc = hi
+    w = words[c0:c1]
+    vf = vflat[c0:c1]
+    for i in range(w.shape[0]):
+        x = w[i]
+        m = np.uint64(0) - np.uint64(vf[i])  # all ones when the cell is valid
+        orx |= ((x + add) | x) & m
+        acc &= _pairs7(x) | ~m
+    return (orx & hi) != 0 or (acc & hi) != hi
+
+
+def _wide_py(words, vflat, has_valid, c0, c1):  # pragma: no cover (compiled)
+    # E >= 256: every byte is in range; (v - 0x01..) & ~v has the top bit of some byte set iff
+    # v has a zero byte (bits above the first zero byte may be set too: masked at the end)
+    lo = np.uint64(0x0101010101010101)
+    f = np.uint64(0)
+    w = words[c0:c1]
+    vf = vflat[c0:c1] if has_valid else vflat
+    for i in range(w.shape[0]):
+        x = w[i]
+        v = x ^ ((x >> np.uint64(8)) | (x << np.uint64(56)))
+        z = (v - lo) & ~v
+        v = x ^ ((x >> np.uint64(16)) | (x << np.uint64(48)))
+        z |= (v - lo) & ~v
+        v = x ^ ((x >> np.uint64(24)) | (x << np.uint64(40)))
+        z |= (v - lo) & ~v
+        v = x ^ ((x >> np.uint64(32)) | (x << np.uint64(32)))
+        z |= (v - lo) & ~v
+        if has_valid:
+            z &= np.uint64(0) - np.uint64(vf[i])
+        f |= z
+    return (f & np.uint64(0x8080808080808080)) != 0
+
+
+def _words_suspect_py(words, vflat, has_valid, c0, c1, E):  # pragma: no cover (compiled)
+    if E > 128:
+        return _wide(words, vflat, has_valid, c0, c1)
+    if has_valid:
+        return _small_valid(words, vflat, c0, c1, E)
+    return _small_all(words, c0, c1, E)
+
+
 if _HAVE_NUMBA:
+    _pairs7 = _nb.njit(inline="always")(_pairs7)
+    _small_all = _nb.njit(cache=True, nogil=True)(_small_all_py)
+    _small_valid = _nb.njit(cache=True, nogil=True)(_small_valid_py)
+    _wide = _nb.njit(cache=True, nogil=True)(_wide_py)
+    _words_suspect = _nb.njit(inline="always")(_words_suspect_py)
 
     @_nb.njit(cache=True, nogil=True)
     def _any_bad_word8(words, valid, has_valid, first, count, L, E):  # pragma: no cover
-        # one uint64 per (row, layer) cell: 8 one-byte ids. A byte of x ^ rotate(x, 8s) is zero
-        # where ids s apart are equal; rotations by 1..4 bytes compare every pair. For E <= 128
-        # ((x + (127 - (E - 1)) * 0x01..) | x) & 0x80.. flags any byte >= E.
-        lo = np.uint64(0x0101010101010101)
-        hi = np.uint64(0x8080808080808080)
-        add = lo * np.uint64(127 - (E - 1)) if E <= 128 else np.uint64(0)
-        range_check = E <= 128
-        acc = np.uint64(0)
+        # one uint64 per (row, layer) cell: 8 one-byte ids (see _words_suspect)
         for p in range(first.shape[0]):
-            a = first[p] * L
-            b = (first[p] + count[p]) * L
-            for i in range(a, b):
-                x = words[i]
-                f = np.uint64(0)
-                if range_check:
-                    f = ((x + add) | x) & hi
-                r = (x >> np.uint64(8)) | (x << np.uint64(56))
-                v = x ^ r
-                f |= (v - lo) & ~v & hi
-                r = (x >> np.uint64(16)) | (x << np.uint64(48))
-                v = x ^ r
-                f |= (v - lo) & ~v & hi
-                r = (x >> np.uint64(24)) | (x << np.uint64(40))
-                v = x ^ r
-                f |= (v - lo) & ~v & hi
-                r = (x >> np.uint64(32)) | (x << np.uint64(32))
-                v = x ^ r
-                f |= (v - lo) & ~v & hi
-                if has_valid:
-                    f *= np.uint64(valid[i])
-                acc |= f
-        return acc != 0
+            if _words_suspect(words, valid, has_valid, first[p] * L, (first[p] + count[p]) * L,
+                              E):
+                return True
+        return False
 
     @_nb.njit(cache=True, nogil=True)
     def _first_bad_general(cells, valid, has_valid, first, count, L, E):  # pragma: no cover
@@ -108,6 +178,9 @@ if _HAVE_NUMBA:
                         if cells[i, b] == va:
                             return i
         return -1
+else:  # pragma: no cover
+    _small_all, _small_valid, _wide = _small_all_py, _small_valid_py, _wide_py
+    _words_suspect = _words_suspect_py
 
 
 def first_bad_cell(ids_NLK: np.ndarray, valid_NL: np.ndarray | None, first_N: np.ndarray,
@@ -264,25 +337,6 @@ else:  # pragma: no cover
 
 # ---- the fused step: rows checked as they are copied into the pool ---------------------------
 
-def _word_flags_py(x, add, rmask):  # pragma: no cover (compiled)
-    # 8 one-byte ids in a uint64: nonzero iff an id >= E (see rmask) or two ids are equal.
-    # x ^ rotate(x, 8j) has a zero byte where ids j apart are equal (rotations by 1..4 bytes
-    # compare every pair); (v - 0x01..) & ~v has the top bit of some byte set iff v has a zero
-    # byte.
-    lo = np.uint64(0x0101010101010101)
-    hi = np.uint64(0x8080808080808080)
-    g = ((x + add) | x) & rmask
-    v = x ^ ((x >> np.uint64(8)) | (x << np.uint64(56)))
-    z = (v - lo) & ~v
-    v = x ^ ((x >> np.uint64(16)) | (x << np.uint64(48)))
-    z |= (v - lo) & ~v
-    v = x ^ ((x >> np.uint64(24)) | (x << np.uint64(40)))
-    z |= (v - lo) & ~v
-    v = x ^ ((x >> np.uint64(32)) | (x << np.uint64(32)))
-    z |= (v - lo) & ~v
-    return g | (z & hi)
-
-
 def _cell_bad_py(cells, i, K, E):
     for a in range(K):
         va = cells[i, a]
@@ -304,11 +358,10 @@ def _undo_valid_py(dst_valid, d, n, q, r):
 
 
 if _HAVE_NUMBA:
-    _word_flags = _nb.njit(inline="always")(_word_flags_py)
     _cell_bad = _nb.njit(inline="always")(_cell_bad_py)
     _undo_valid = _nb.njit(cache=True, nogil=True)(_undo_valid_py)
 else:  # pragma: no cover
-    _word_flags, _cell_bad, _undo_valid = _word_flags_py, _cell_bad_py, _undo_valid_py
+    _cell_bad, _undo_valid = _cell_bad_py, _undo_valid_py
 
 
 def copy_check_runs_py(dst_cells, src_cells, src_words, swar, dst_valid, src_valid, has_valid,
@@ -343,13 +396,7 @@ def copy_check_runs_py(dst_cells, src_cells, src_words, swar, dst_valid, src_val
         assert n[q] >= 0 and s[q] >= 0 and s[q] + n[q] <= N and d[q] >= 0 and d[q] + n[q] <= R
     dst_rows = dst_cells.reshape(R, W)
     src_rows = src_cells.reshape(N, W)
-    # the range test (x + add) | x sets the top bit of a byte >= E when E <= 128; with E >= 256
-    # a byte is always < E and the test is masked off
-    add = np.uint64(0)
-    rmask = np.uint64(0)
-    if E <= 128:
-        add = np.uint64(0x0101010101010101) * np.uint64(127 - (E - 1))
-        rmask = np.uint64(0x8080808080808080)
+    vflat = src_valid.reshape(src_valid.size)  # (a dummy when not has_valid)
     Q = d.shape[0]
     q0 = 0
     while q0 < Q:
@@ -361,16 +408,7 @@ def copy_check_runs_py(dst_cells, src_cells, src_words, swar, dst_valid, src_val
             q1 += 1
         bad = -1
         if swar:
-            # one pass over the group's cells, no branch inside (vectorised)
-            f = np.uint64(0)
-            if has_valid:
-                for i in range(c0, c1):
-                    f |= _word_flags(src_words[i], add, rmask) * np.uint64(
-                        src_valid[i // L, i % L])
-            else:
-                for i in range(c0, c1):
-                    f |= _word_flags(src_words[i], add, rmask)
-            if f != 0:
+            if _words_suspect(src_words, vflat, has_valid, c0, c1, E):
                 for i in range(c0, c1):
                     if (not has_valid or src_valid[i // L, i % L]) and _cell_bad(src_cells, i, K, E):
                         bad = i
@@ -409,11 +447,16 @@ else:  # pragma: no cover
 STEP_STORED, STEP_EVENTS = -1, -2
 
 
-def step_fast_py(handles, from_handles, serial, live, slots, starts, rows, ns, seek,
-                 length, tail_b, tail_g, cap, gen, refs, published, P, kind, lens, mark,
-                 dst_cells, src_cells, src_words, swar, dst_valid, src_valid, has_valid, E,
-                 last_use, clock, d, s, n):  # noqa: PLR0913
+def step_fast_py(handles, from_handles, slot_state, starts, rows, ns, seek, gen_use, refs,
+                 published, P, scratch, kind, dst_cells, src_cells, src_words, swar, dst_valid,
+                 src_valid, has_valid, E, clock):  # noqa: PLR0913
     """One engine step in one compiled call when no segment needs an event (a new block...).
+
+    ``slot_state`` holds the per-request arrays by slot (rows ``SLOT_*`` of
+    :mod:`routecap.store_tables`: serial, live, length, tail block and generation, table
+    capacity, mark), ``gen_use`` the blocks' generations and last uses (rows 0 and 1), and
+    ``scratch`` ``[5, >= S]`` receives slots, lens and the runs ``d``/``s``/``n`` (few arguments:
+    each costs dispatch time on every step).
 
     Maps ``handles`` (``serial << 32 | slot``, checked against ``serial``/``live``, when
     ``from_handles``; else they are slots) into ``slots``, then classifies the segments
@@ -426,26 +469,38 @@ def step_fast_py(handles, from_handles, serial, live, slots, starts, rows, ns, s
     (nothing changed).
     """
     S = handles.shape[0]
-    M = length.shape[0]
-    B = gen.shape[0]
+    M = slot_state.shape[1]
+    B = gen_use.shape[1]
     L = dst_valid.shape[1]
     N = src_cells.shape[0] // L
-    assert (slots.shape[0] == S and starts.shape[0] == S and rows.shape[0] == S
-            and ns.shape[0] == S and kind.shape[0] == S and lens.shape[0] == S
-            and d.shape[0] >= S and s.shape[0] >= S and n.shape[0] >= S)
-    assert (tail_b.shape[0] == M and tail_g.shape[0] == M and cap.shape[0] == M
-            and serial.shape[0] == M and live.shape[0] == M and mark.shape[0] == M)
-    assert refs.shape[0] == B and published.shape[0] == B and last_use.shape[0] == B
+    assert slot_state.shape[0] == SLOT_ROWS and gen_use.shape[0] == 2 and scratch.shape[0] == 5
+    assert (starts.shape[0] == S and rows.shape[0] == S and ns.shape[0] == S
+            and kind.shape[0] == S and scratch.shape[1] >= S)
+    assert refs.shape[0] == B and published.shape[0] == B
     assert dst_valid.shape[0] == B * P and P >= 1
+    serial = slot_state[SLOT_SERIAL]
+    live = slot_state[SLOT_LIVE]
+    length = slot_state[SLOT_LENGTH]
+    tail_b = slot_state[SLOT_TAIL_B]
+    tail_g = slot_state[SLOT_TAIL_G]
+    cap = slot_state[SLOT_CAP]
+    mark = slot_state[SLOT_MARK]
+    gen = gen_use[0]
+    last_use = gen_use[1]
+    slots = scratch[0, :S]
+    lens = scratch[1, :S]
+    d = scratch[2, :S]
+    s = scratch[3, :S]
+    n = scratch[4, :S]
     for i in range(S):
         h = handles[i]
         if from_handles:
             sl = h & 0xFFFFFFFF
-            if h < 0 or sl >= M or (h >> 32) != serial[sl] or not live[sl]:
+            if h < 0 or sl >= M or (h >> 32) != serial[sl] or live[sl] == 0:
                 return i * 4
         else:
             sl = h
-            assert 0 <= sl < M and live[sl]
+            assert 0 <= sl < M and live[sl] != 0
         slots[i] = sl
     code = classify_segments(slots, starts, rows, ns, N, length, tail_b, tail_g, cap, gen, refs,
                              published, P, seek, kind, lens, mark)

@@ -34,6 +34,18 @@ _ENTRY_BYTES = 16  # per block-table slot: block (int64) and generation (int64)
 _WAIT_BYTES = 512  # per entry waiting on a hash: its place in two dicts (an upper bound)
 
 
+#: rows of :attr:`RequestTables.slot_state` (int64 ``[7, slots]``)
+SLOT_SERIAL, SLOT_LIVE, SLOT_LENGTH, SLOT_TAIL_B, SLOT_TAIL_G, SLOT_CAP, SLOT_MARK = range(7)
+SLOT_ROWS = 7
+
+
+def _new_slot_state(n: int) -> np.ndarray:
+    st = np.zeros((SLOT_ROWS, n), np.int64)
+    st[SLOT_TAIL_B] = -1
+    st[SLOT_MARK] = -1
+    return st
+
+
 def is_int(x: Any) -> bool:
     """An integer, not a bool (numpy integers included)."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
@@ -82,14 +94,10 @@ class RequestTables:
         self.slot_of: dict[Hashable, int] = {}
         self.by_slot: list[_Request | None] = [None] * 64
         self.table_bytes = 0
-        # per-request arrays by slot, for the compiled step: length, tail block and generation
-        self.length = np.zeros(64, np.int64)
-        self.tail_b = np.full(64, -1, np.int64)
-        self.tail_g = np.zeros(64, np.int64)
-        self.cap = np.zeros(64, np.int64)  # table capacity
-        self.mark = np.full(64, -1, np.int64)  # scratch for classify_segments
-        self.serial = np.zeros(64, np.int64)  # bumped when a slot's request is freed
-        self.live = np.zeros(64, np.bool_)
+        # per-request arrays by slot, for the compiled step: rows of one array (one argument of
+        # the step's compiled call, not seven), each also an attribute (a view)
+        self.slot_state = _new_slot_state(64)
+        self._bind_slot_state()
         self.free_slots: list[int] = list(range(63, -1, -1))
         self.waiting: dict[Hashable, dict[int, _Request]] = {}  # hash -> {slot: request}
 
@@ -104,7 +112,7 @@ class RequestTables:
         self.reqs[key] = req
         self.slot_of[key] = slot
         self.by_slot[slot] = req
-        self.live[slot] = True
+        self.live[slot] = 1
         self.cap[slot] = cap
         self.length[slot] = 0
         self.tail_b[slot] = -1
@@ -116,7 +124,7 @@ class RequestTables:
         del self.reqs[req.key]
         del self.slot_of[req.key]
         self.by_slot[req.slot] = None
-        self.live[req.slot] = False
+        self.live[req.slot] = 0
         self.serial[req.slot] += 1
         self.table_bytes -= _REQUEST_BYTES + req.capacity * _ENTRY_BYTES
         self.free_slots.append(req.slot)
@@ -199,16 +207,23 @@ class RequestTables:
                     del self.waiting[h]
 
     def grow_slots(self) -> None:
-        n = self.length.shape[0]
-        self.length = np.concatenate([self.length, np.zeros(n, np.int64)])
-        self.tail_b = np.concatenate([self.tail_b, np.full(n, -1, np.int64)])
-        self.tail_g = np.concatenate([self.tail_g, np.zeros(n, np.int64)])
-        self.cap = np.concatenate([self.cap, np.zeros(n, np.int64)])
-        self.serial = np.concatenate([self.serial, np.zeros(n, np.int64)])
-        self.live = np.concatenate([self.live, np.zeros(n, np.bool_)])
-        self.mark = np.concatenate([self.mark, np.full(n, -1, np.int64)])
+        n = self.slot_state.shape[1]
+        grown = _new_slot_state(2 * n)
+        grown[:, :n] = self.slot_state
+        self.slot_state = grown
+        self._bind_slot_state()
         self.free_slots.extend(range(2 * n - 1, n - 1, -1))
         self.by_slot.extend([None] * n)
+
+    def _bind_slot_state(self) -> None:
+        st = self.slot_state
+        self.serial = st[SLOT_SERIAL]  # bumped when a slot's request is freed
+        self.live = st[SLOT_LIVE]  # 1 while a request holds the slot
+        self.length = st[SLOT_LENGTH]
+        self.tail_b = st[SLOT_TAIL_B]  # the private tail block (-1: none cached)
+        self.tail_g = st[SLOT_TAIL_G]  # and its generation
+        self.cap = st[SLOT_CAP]  # table capacity
+        self.mark = st[SLOT_MARK]  # scratch for classify_segments (-1)
 
     def sync_tail(self, req: _Request, length: int) -> None:
         j, o = divmod(length, self.block_size)
