@@ -156,19 +156,20 @@ class StepIngest:
         ids = np.ascontiguousarray(ids_NLK)
         has_valid = valid_NL is not None
         valid = np.ascontiguousarray(valid_NL) if has_valid else self._no_valid
-        src = _StepRows(ids=ids, cells=ids.reshape(N * L, K),
-                        words=ids.reshape(-1).view(np.uint64) if self.swar else self._no_words,
-                        valid=valid, has_valid=has_valid)
+        cells = ids.reshape(N * L, K)
+        # (frombuffer: the cheapest uint64 view of the contiguous ids, one word per cell)
+        words = np.frombuffer(ids, np.uint64) if self.swar else self._no_words
         if S > self._scratch.shape[1]:
             self._scratch = np.empty((5, 2 * S), np.int64)
         kind = np.empty(S, np.int8)
         clock = pool.tick()
         r = step_fast(handles, from_handles, t.slot_state, starts, rows, ns, seek, pool.gen_use,
                       pool.refs, pool.published, P, self._scratch, kind, pool.ids_cells,
-                      src.cells, src.words, self.swar, pool.valid_rows, valid, has_valid,
+                      cells, words, self.swar, pool.valid_rows, valid, has_valid,
                       self.num_experts, clock)
         if r == STEP_STORED:
             return
+        src = _StepRows(ids, cells, words, valid, has_valid)
         slots, lens = self._scratch[:2, :S].copy()  # (the scratch is reused by the next step)
         if r >= 0:
             self._raise_segment(where, r, handles, slots, starts, rows, ns, lens, N)
