@@ -6,9 +6,9 @@ The store checks every row it stores once, on the way in, so that :meth:`RouteSt
 hand out traces without scanning them again. Only rows a segment names are checked (padding
 rows of a step are ignored, as documented), and only valid cells. For the common router shape
 of 8 one-byte ids per cell (top-8 of up to 128, or of 256, experts) the check reads each cell as
-one 64-bit word (SWAR, about 1.5 copies of the same bytes on the benchmark machine); other
-shapes use a general compiled loop; :func:`first_bad_cell_reference` is the
-plain numpy definition both are tested against.
+one 64-bit word (SWAR, vectorised: :mod:`routecap.store_words`; 0.8 to 2 copies of the same
+bytes on the benchmark machine); other shapes use a general compiled loop;
+:func:`first_bad_cell_reference` is the plain numpy definition both are tested against.
 
 The per-step kernels live here too: :func:`classify_segments` (what storing each segment takes),
 :func:`step_fast` (a whole step whose rows all go into private tail blocks, in one call),
@@ -31,6 +31,7 @@ from .store_tables import (
     SLOT_TAIL_B,
     SLOT_TAIL_G,
 )
+from .store_words import words_suspect
 
 try:  # numba is a dependency; the numpy reference keeps the store usable without it
     import numba as _nb
@@ -67,98 +68,13 @@ def first_bad_cell_reference(ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
     return -1
 
 
-# The row check for 8 one-byte ids per cell, one uint64 each (E <= 128 or E >= 256): over cells
-# c0..c1-1, False when every valid cell is good (ids < E, 8 distinct), True when some valid cell
-# is bad (the caller finds it with the scalar loop). No branch in the loops, so that LLVM
-# vectorises them (AVX2: 4 cells an instruction, byte rotations as shuffles); each variant is
-# its own function. A byte of x ^ rotate(x, 8j) is zero where ids j apart
-# are equal; rotations by 1..4 bytes compare every pair.
-#
-# E <= 128: ((x + add) | x) has the top bit of a byte >= E set. When every id is < 128 the bytes
-# of v = x ^ rotate(x) are 7-bit, and v + 0x7f.. sets a byte's top bit iff the byte is not zero
-# (no carry between bytes): a cell is good iff its 4 sums ANDed keep every top bit, and all are
-# good iff the AND over the cells does. A byte >= 128 makes its cell's sums meaningless, but the
-# range word flags that cell already.
-
-def _pairs7(x):  # pragma: no cover (compiled)
-    s7 = np.uint64(0x7F7F7F7F7F7F7F7F)
-    a = (x ^ ((x >> np.uint64(8)) | (x << np.uint64(56)))) + s7
-    a &= (x ^ ((x >> np.uint64(16)) | (x << np.uint64(48)))) + s7
-    a &= (x ^ ((x >> np.uint64(24)) | (x << np.uint64(40)))) + s7
-    return a & ((x ^ ((x >> np.uint64(32)) | (x << np.uint64(32)))) + s7)
-
-
-def _small_all_py(words, c0, c1, E):  # pragma: no cover (compiled)
-    hi = np.uint64(0x8080808080808080)
-    add = np.uint64(0x0101010101010101) * np.uint64(127 - (E - 1))
-    orx = np.uint64(0)
-    acc = hi
-    w = words[c0:c1]  # (indices from 0: LLVM then knows they are not negative, and vectorises)
-    for i in range(w.shape[0]):
-        x = w[i]
-        orx |= (x + add) | x
-        acc &= _pairs7(x)
-    return (orx & hi) != 0 or (acc & hi) != hi
-
-
-def _small_valid_py(words, vflat, c0, c1, E):  # pragma: no cover (compiled)
-    hi = np.uint64(0x8080808080808080)
-    add = np.uint64(0x0101010101010101) * np.uint64(127 - (E - 1))
-    orx = np.uint64(0)
-    acc = hi
-    w = words[c0:c1]
-    vf = vflat[c0:c1]
-    for i in range(w.shape[0]):
-        x = w[i]
-        m = np.uint64(0) - np.uint64(vf[i])  # all ones when the cell is valid
-        orx |= ((x + add) | x) & m
-        acc &= _pairs7(x) | ~m
-    return (orx & hi) != 0 or (acc & hi) != hi
-
-
-def _wide_py(words, vflat, has_valid, c0, c1):  # pragma: no cover (compiled)
-    # E >= 256: every byte is in range; (v - 0x01..) & ~v has the top bit of some byte set iff
-    # v has a zero byte (bits above the first zero byte may be set too: masked at the end)
-    lo = np.uint64(0x0101010101010101)
-    f = np.uint64(0)
-    w = words[c0:c1]
-    vf = vflat[c0:c1] if has_valid else vflat
-    for i in range(w.shape[0]):
-        x = w[i]
-        v = x ^ ((x >> np.uint64(8)) | (x << np.uint64(56)))
-        z = (v - lo) & ~v
-        v = x ^ ((x >> np.uint64(16)) | (x << np.uint64(48)))
-        z |= (v - lo) & ~v
-        v = x ^ ((x >> np.uint64(24)) | (x << np.uint64(40)))
-        z |= (v - lo) & ~v
-        v = x ^ ((x >> np.uint64(32)) | (x << np.uint64(32)))
-        z |= (v - lo) & ~v
-        if has_valid:
-            z &= np.uint64(0) - np.uint64(vf[i])
-        f |= z
-    return (f & np.uint64(0x8080808080808080)) != 0
-
-
-def _words_suspect_py(words, vflat, has_valid, c0, c1, E):  # pragma: no cover (compiled)
-    if E > 128:
-        return _wide(words, vflat, has_valid, c0, c1)
-    if has_valid:
-        return _small_valid(words, vflat, c0, c1, E)
-    return _small_all(words, c0, c1, E)
-
-
 if _HAVE_NUMBA:
-    _pairs7 = _nb.njit(inline="always")(_pairs7)
-    _small_all = _nb.njit(cache=True, nogil=True)(_small_all_py)
-    _small_valid = _nb.njit(cache=True, nogil=True)(_small_valid_py)
-    _wide = _nb.njit(cache=True, nogil=True)(_wide_py)
-    _words_suspect = _nb.njit(inline="always")(_words_suspect_py)
 
     @_nb.njit(cache=True, nogil=True)
     def _any_bad_word8(words, valid, has_valid, first, count, L, E):  # pragma: no cover
-        # one uint64 per (row, layer) cell: 8 one-byte ids (see _words_suspect)
+        # one uint64 per (row, layer) cell: 8 one-byte ids (see words_suspect)
         for p in range(first.shape[0]):
-            if _words_suspect(words, valid, has_valid, first[p] * L, (first[p] + count[p]) * L,
+            if words_suspect(words, valid, has_valid, first[p] * L, (first[p] + count[p]) * L,
                               E):
                 return True
         return False
@@ -178,9 +94,6 @@ if _HAVE_NUMBA:
                         if cells[i, b] == va:
                             return i
         return -1
-else:  # pragma: no cover
-    _small_all, _small_valid, _wide = _small_all_py, _small_valid_py, _wide_py
-    _words_suspect = _words_suspect_py
 
 
 def first_bad_cell(ids_NLK: np.ndarray, valid_NL: np.ndarray | None, first_N: np.ndarray,
@@ -408,7 +321,7 @@ def copy_check_runs_py(dst_cells, src_cells, src_words, swar, dst_valid, src_val
             q1 += 1
         bad = -1
         if swar:
-            if _words_suspect(src_words, vflat, has_valid, c0, c1, E):
+            if words_suspect(src_words, vflat, has_valid, c0, c1, E):
                 for i in range(c0, c1):
                     if (not has_valid or src_valid[i // L, i % L]) and _cell_bad(src_cells, i, K, E):
                         bad = i
