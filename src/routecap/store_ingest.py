@@ -12,9 +12,10 @@ chosen per step by a compiled classification of its segments
    one compiled call (:func:`~routecap.store_rows.step_fast`) maps request handles to slots,
    classifies, checks each row and copies it into the pool, and commits the lengths;
 2. the rest start fresh blocks at their tables' ends (a decode step at a block boundary, prefill
-   chunks) and those fit without an eviction: the blocks are taken (Python per request: an
-   event), the rows are checked as they are copied (:func:`~routecap.store_rows.copy_check_runs`)
-   and a bad row gives the blocks back;
+   chunks) and those fit without an eviction: the blocks are taken as one slice of the free
+   stack (:meth:`~routecap.block_pool.BlockPool.take_free`), the rows are checked as they are
+   copied (:func:`~routecap.store_rows.copy_check_runs`) and a bad row gives the blocks back;
+   the tables take their new entries (Python per request: an event);
 3. anything else (copy on write, cuts, gaps, evicted blocks, a request named twice, a step that
    must evict): the rows are checked first, room is reserved once for the step, the tables are
    resolved per request, and the rows move with one compiled scatter.
