@@ -196,6 +196,7 @@ def _seeds():
         t = make(T, L, K, E, missing=0.2 if i % 2 else 0.0, seed=i, tokens=i % 3 != 0)
         out.append(encode(t, mode="order", fallback=False, block_tokens=5))
         out.append(encode(t.with_sorted_topk(), mode="set", block_tokens=5))
+        out.append(encode(t.with_sorted_topk(), mode="entropy", fallback=False, block_tokens=5))
         out.append(encode(t, mode="ids", fallback=False))
         out.append(encode(t, mode="raw"))
     return out
@@ -233,7 +234,8 @@ def _mutate(rng, data: bytes, seeds) -> bytes:
         vals = [0, 1, 2, 3, 7, 255, 256, 65536, 2**31, -1, None, "x", [], [0, 0], {}, 1.5,
                 True, [1, 2, 3]]
         if key == "routes" and isinstance(h.get("routes"), dict):
-            sub = ["mode", "widths", "layout", "block_tokens", "blocks"][int(rng.integers(5))]
+            sub = ["mode", "widths", "layout", "block_tokens", "blocks",
+                   "payload_bytes"][int(rng.integers(6))]
             h["routes"][sub] = vals[int(rng.integers(len(vals)))]
         else:
             h[key] = vals[int(rng.integers(len(vals)))]
