@@ -491,3 +491,33 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     assert r.returncode == 0, r.stderr
     assert kills >= 10
     assert_same_traces(out, tmp_path / "whole")
+
+
+def test_convert_wire_mode_entropy(tmp_path):
+    """`convert --to wire --wire-mode entropy` writes set-mode rows (order dropped) that read back."""
+    import base64
+
+    import numpy as np
+
+    from routecap import codec
+    from routecap.files import TraceWriter
+    from routecap.trace import RoutingTrace
+
+    rng = np.random.default_rng(0)
+    # skewed routes: each row is 4 of experts 0-5 (of 16), in a random order
+    ids = np.argsort(rng.random((400 * 2, 16)) - (np.arange(16) < 6), axis=1)[:, :4]
+    ids = ids.reshape(400, 2, 4)
+    t = RoutingTrace.from_ids(ids, num_experts=16, moe_layers=[1, 2], request_id="a",
+                              prompt_len=400)
+    with TraceWriter(tmp_path / "d") as w:
+        w.append(t)
+    r = cli("convert", tmp_path / "d", tmp_path / "w.jsonl", "--to", "wire", "--wire-mode",
+            "entropy")
+    assert r.exit_code == 0, r.stderr
+    (rec,) = [json.loads(x) for x in (tmp_path / "w.jsonl").read_text().splitlines()]
+    blob = base64.b64decode(rec["routecap"])
+    assert codec.inspect(blob)["routes"]["mode"] == "entropy"
+    assert codec.decode(blob).equals(t.with_sorted_topk())
+    r = cli("convert", tmp_path / "d", tmp_path / "s.jsonl", "--to", "sglang", "--wire-mode",
+            "set", "--num-layers", "3", "--moe-layers", "1,2", "--num-experts", "16", "--top-k", "4")
+    one_line_error(r, "applies to wire output only, not sglang")

@@ -40,6 +40,7 @@ The package: :mod:`~routecap.codec.ranking` (the ranking maths and its numpy ref
 """
 
 from .kernels import HAVE_NUMBA as _HAVE_NUMBA  # noqa: F401 - `routecap doctor` reports it
-from .wire import BLOCK_TOKENS, MODES, WIRE_VERSION, CodecError, decode, encode, inspect
+from .wire import BLOCK_TOKENS, MODES, SET_MODES, WIRE_VERSION, CodecError, decode, encode, inspect
 
-__all__ = ["BLOCK_TOKENS", "CodecError", "MODES", "WIRE_VERSION", "decode", "encode", "inspect"]
+__all__ = ["BLOCK_TOKENS", "CodecError", "MODES", "SET_MODES", "WIRE_VERSION", "decode", "encode",
+           "inspect"]

@@ -24,6 +24,7 @@ from .ranking import mode_fits, token_bytes, widths_of
 MAGIC = b"RCAP"
 WIRE_VERSION = 1
 MODES = ("auto", "order", "set", "entropy", "ids", "raw")
+SET_MODES = ("set", "entropy")  # modes that store each row as a set (sorted traces only)
 BLOCK_TOKENS = 16384
 _MAX_HEADER = 1 << 24
 _MAX_IDS = 1 << 31  # refuse to allocate more ids than this from a header
