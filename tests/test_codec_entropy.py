@@ -139,6 +139,14 @@ def test_too_many_experts_for_the_tables_stores_set_mode():
     assert decode(blob).equals(t)
 
 
+def test_a_block_the_tables_cannot_code_stores_set_mode(monkeypatch):
+    t = skewed(20, 2, 4, 16)
+    monkeypatch.setattr(entropy, "quantise", lambda counts: None)
+    blob = encode(t, mode="entropy", fallback=False)
+    assert inspect(blob)["routes"]["mode"] == "set"
+    assert decode(blob).equals(t)
+
+
 def test_quantise_keeps_every_seen_value_and_the_sum():
     counts = np.array([[1000, 1, 0, 1, 7], [0, 0, 0, 0, 0], [3, 3, 3, 3, 3]])
     f = entropy.quantise(counts)

@@ -42,11 +42,12 @@ def encode_block(ids_TLK: np.ndarray, missing_TL: np.ndarray | None, E: int) -> 
         counts_LE = np.zeros((L, E), np.int64)
         _count_nb(ids, live, counts_LE)
         perm, rank = entropy.popularity(counts_LE)
-        n_rows = int(live.sum())
-        tab = np.empty(n_rows * K, np.int64)
-        sym = np.empty(n_rows * K, np.int64)
+        # the stream holds each layer's live rows in turn: layer l's symbols start at starts[l]
+        starts = np.zeros(L + 1, np.int64)
+        np.cumsum(live.sum(axis=0) * K, out=starts[1:])
+        sym = np.empty(int(starts[-1]), np.int16)  # gaps are below E - K + 1 <= 1024
         counts = np.zeros((L * K, E - K + 1), np.int64)
-        _gaps_nb(ids, live, rank, tab, sym, counts)
+        _gaps_nb(ids, live, rank, starts, sym, counts)
     else:
         perm, counts, tab, sym = entropy.model(ids_TLK, live, E)
         counts = counts.reshape(L * K, -1)
@@ -55,12 +56,13 @@ def encode_block(ids_TLK: np.ndarray, missing_TL: np.ndarray | None, E: int) -> 
         return None
     cum = entropy.cumulative(freq)
     if kernels.USE_NUMBA:
-        # contract: tab < L * K, sym < E - K + 1 with freq[tab, sym] >= 1 (freq counts them)
-        _require(tab.shape == sym.shape and (tab.shape[0] == 0 or (
-            int(tab.max()) < L * K and int(sym.max()) < freq.shape[1])), "symbols in the tables")
+        # contract: symbol j of layer l's part is gap j % K of a row, below E - K + 1, with a
+        # frequency >= 1 in table l * K + j % K (the counts that made freq counted it)
+        _require(freq.shape == (L * K, E - K + 1) and starts.shape == (L + 1,)
+                 and starts[-1] == sym.shape[0] and (starts % K == 0).all(), "stream layout")
         words = np.empty(sym.shape[0] + 1, np.uint16)
         x = np.full(_NS, entropy.RANS_L, np.int64)
-        n = _encode_nb(tab, sym, freq, cum, words, x)
+        n = _encode_nb(sym, starts, K, freq, cum, words, x)
         words = words[:n][::-1]
     else:
         x, words = entropy.rans_encode_py(tab, sym, freq, cum)
@@ -111,19 +113,15 @@ if kernels.HAVE_NUMBA:
                         counts[layer, ids[t, layer, i]] += 1
 
     @_nb.njit(cache=True, nogil=True)
-    def _gaps_nb(ids, live, rank, tab, sym, counts):  # pragma: no cover - compiled
+    def _gaps_nb(ids, live, rank, starts, sym, counts):  # pragma: no cover - compiled
         """The gaps of the live rows in stream order (layer-major) and their counts per
         (layer, i); the rows are read token by token, in memory order.
 
-        contract: ids (T, L, K) < E, live (T, L), rank (L, E) permutations, tab and sym of
-        (live rows * K,), counts (L * K, E - K + 1)."""
+        contract: ids (T, L, K) < E with distinct ids per row, live (T, L), rank (L, E)
+        permutations, starts (L + 1,) the offsets of each layer's live rows * K, sym
+        (starts[L],), counts (L * K, E - K + 1)."""
         T, L, K = ids.shape
-        cursor = np.zeros(L, np.int64)  # where each layer's next symbol goes
-        n = 0
-        for layer in range(L):
-            cursor[layer] = n
-            for t in range(T):
-                n += K * np.int64(live[t, layer])
+        cursor = starts[:L].copy()  # where each layer's next symbol goes
         E = rank.shape[1]
         row = np.empty(K, np.int64)
         one = np.uint64(1)
@@ -174,24 +172,32 @@ if kernels.HAVE_NUMBA:
                 for i in range(K):
                     g = row[i] - prev - 1  # distinct ranks: 0 <= g <= E - K
                     prev = row[i]
-                    tab[c + i] = layer * K + i
                     sym[c + i] = g
                     counts[layer * K + i, g] += 1
                 cursor[layer] = c + K
 
     @_nb.njit(cache=True, nogil=True)
-    def _encode_nb(tab, sym, freq, cum, words, x):  # pragma: no cover - compiled
+    def _encode_nb(sym, starts, K, freq, cum, words, x):  # pragma: no cover - compiled
         """Code the symbols last to first (symbol j by state j % 4); the words in the order they
         were written (the decoder reads them backwards) and the final states in x.
 
-        contract: tab < M, sym < S, freq[tab, sym] >= 1; words (N + 1,): a symbol writes at most
-        one word (a state below 2**32 is below 2**21 * f after one 16-bit shift); x (4,)."""
+        contract: symbol j in [starts[l], starts[l + 1]) is coded with table m = l * K + j % K
+        (starts are multiples of K), sym < S, freq[m, sym] >= 1; words (N + 1,): a symbol writes
+        at most one word (a state below 2**32 is below 2**21 * f after one 16-bit shift); x (4,).
+        """
         n = 0
         bound = np.int64((entropy.RANS_L >> entropy.PROB_BITS) << 16)
         # a = the state of symbol j, b, c, d those of j - 1, j - 2, j - 3
         a, b, c, d = x[0], x[0], x[0], x[0]
+        layer = starts.shape[0] - 2
+        i = K  # j % K, counted down (no division per symbol)
         for j in range(sym.shape[0] - 1, -1, -1):
-            f = np.int64(freq[tab[j], sym[j]])
+            while j < starts[layer]:
+                layer -= 1
+            i = K - 1 if i == 0 else i - 1
+            m = layer * K + i
+            g = np.int64(sym[j])
+            f = np.int64(freq[m, g])
             s = a
             while s >= bound * f:
                 words[n] = s & 0xFFFF
@@ -206,7 +212,7 @@ if kernels.HAVE_NUMBA:
             elif rem >= f:
                 q += 1
                 rem -= f
-            a, b, c, d = b, c, d, (q << entropy.PROB_BITS) + rem + np.int64(cum[tab[j], sym[j]])
+            a, b, c, d = b, c, d, (q << entropy.PROB_BITS) + rem + np.int64(cum[m, g])
         # after symbol 0: d is state 0, c state 1 (of symbol -1 = 3 mod 4), b state 2, a state 3
         x[0], x[1], x[2], x[3] = d, c, b, a
         return n
