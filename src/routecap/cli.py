@@ -321,8 +321,8 @@ def convert(
     overwrite: Annotated[bool, typer.Option(help="Replace DST.")] = False,
     wire_mode: Annotated[WireMode, typer.Option(
         help="Codec mode of --to wire records: auto (order kept), or set / entropy (each row "
-             "as a set, the router's order dropped; entropy is the smallest on skewed routes "
-             "and decodes at about half set's speed).")] = WireMode.auto,
+             "as a set, the router's order dropped; entropy is the smallest on skewed routes, "
+             "slower to encode and decode).")] = WireMode.auto,
 ) -> None:
     """Convert between trace files, routecap wire JSONL, SGLang meta_info and vLLM records."""
     from .codec import CodecError

@@ -49,7 +49,7 @@ def _fields(rows_NK: np.ndarray, mode: str, E: int, K: int) -> np.ndarray:
 
 
 class _NotCodable(Exception):
-    """A block the entropy mode cannot code (a table would not fit 12-bit frequencies)."""
+    """A block the entropy mode cannot code (a table would not fit 11-bit frequencies)."""
 
 
 def _block_payload(ids_TLK: np.ndarray, missing_TL: np.ndarray | None, mode: str, layout: str,
@@ -114,7 +114,7 @@ def encode(trace: RoutingTrace, *, mode: str = "auto", level: int = 3, fallback:
     ``mode``: ``order`` keeps the router's order (lossless for any trace); ``set`` stores each
     row as a set (the trace must be ``topk_order="sorted"``: call ``trace.with_sorted_topk()``
     when the order does not matter, as in replay); ``entropy`` stores sets too, coded with each
-    layer's expert frequencies (smaller than ``set`` on skewed routes, about half as fast to
+    layer's expert frequencies (smaller than ``set`` on skewed routes, slower to encode and
     decode; ``set`` is stored where its tables cannot be built, E - K + 1 > 1024); ``auto``
     picks ``set`` for sorted traces and ``order`` otherwise; ``ids`` and ``raw`` are the
     fallbacks for very large E. With ``fallback`` (the default) the routes are stored as zstd
