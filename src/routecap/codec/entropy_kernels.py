@@ -199,10 +199,12 @@ if kernels.HAVE_NUMBA:
             g = np.int64(sym[j])
             f = np.int64(freq[m, g])
             s = a
-            while s >= bound * f:
-                words[n] = s & 0xFFFF
-                n += 1
-                s >>= 16
+            # branch-free: at most one word per symbol (see the contract); written, then kept
+            # only when the state must shrink
+            emit = s >= bound * f
+            words[n] = s & 0xFFFF
+            n += np.int64(emit)
+            s = (s >> 16) if emit else s
             # s // f through a double reciprocal (s < 2**32: off by at most one, corrected)
             q = np.int64(s * (1.0 / f))
             rem = s - q * f
