@@ -57,6 +57,7 @@ class BlockPool:
         # flat views: one row per (block, position), for the scatter/gather of whole rows
         self.ids_rows = self.ids.reshape(B * P, L * K)
         self.valid_rows = self.valid.reshape(B * P, L)
+        self.ids_cells = self.ids.reshape(B * P * L, K)
 
     # ---- state ---------------------------------------------------------------------------------
     @property
@@ -138,19 +139,33 @@ class BlockPool:
         self.last_use[b] = self.clock
         return b
 
-    def take_many(self, count: int) -> np.ndarray:
-        """``count`` fresh blocks at once (see :meth:`take`)."""
+    def take_many(self, count: int, *, clear_valid: bool = True) -> np.ndarray:
+        """``count`` fresh blocks at once (see :meth:`take`).
+
+        ``clear_valid=False``: the caller marks every row's validity itself (it writes whole
+        blocks and clears the rest), so the pass over their masks is saved.
+        """
         if not count:
             return np.zeros(0, np.int64)
         bs = np.array(self._reserved[len(self._reserved) - count:], np.int64)
         del self._reserved[len(self._reserved) - count:]
-        self.valid[bs] = False
+        if clear_valid:
+            self.valid[bs] = False
         self.lost[bs] = False
         self.refs[bs] = 1
         self.in_use_mask[bs] = True
         self.last_use[bs] = self.clock + 1 + np.arange(count)
         self.clock += count
         return bs
+
+    def untake(self, bs: np.ndarray) -> None:
+        """Give back blocks from :meth:`take_many` that no table entry ever named (a refused call)."""
+        self.refs[bs] = 0
+        self.in_use_mask[bs] = False
+        self.valid[bs] = False
+        n = bs.shape[0]
+        self._free[self._nfree:self._nfree + n] = bs[::-1]
+        self._nfree += n
 
     def unreserve(self) -> None:
         """Give back what a reservation did not use."""

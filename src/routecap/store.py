@@ -41,6 +41,15 @@ request's later positions are dropped first, as when a KV cache was cropped) or 
 positions in between read as missing, never written). Every call checks all of its arguments,
 and that the budget can hold what it needs, before changing anything: a refused call leaves every
 request as it was. Every refusal is a :class:`StoreError`.
+
+:class:`RouteStore` is the request-facing API; each concept under it has one home:
+:mod:`~routecap.block_pool` (blocks, references, LRU, hash index, eviction),
+:mod:`~routecap.store_tables` (request block tables, their per-slot state and bytes),
+:mod:`~routecap.store_prefix` (prefix-cache attachment: publish, attach, waits on hashes),
+:mod:`~routecap.store_ingest` (one engine step into the tables; its general path in
+:mod:`~routecap.store_resolve`), :mod:`~routecap.store_read`
+(coverage and the gather behind :meth:`RouteStore.take`) and :mod:`~routecap.store_rows` (the
+compiled per-step kernels).
 """
 
 from __future__ import annotations
@@ -51,27 +60,15 @@ from typing import Any
 import numpy as np
 
 from .block_pool import BlockPool
-from .store_tables import _LOST, _REQUEST_BYTES, _WAIT, RequestTables, StoreError
-from .store_rows import (
-    SEG_APPEND,
-    SEG_FAST,
-    SEG_SLOW,
-    classify_segments,
-    fast_runs,
-    first_bad_cell,
-    scatter_runs,
-)
+from .store_ingest import StepIngest
+from .store_prefix import PrefixIndex, cached_hashes, check_hashable
+from .store_read import EVICTED, NOT_WRITTEN, PENDING, PRESENT, coverage_codes, gather_rows
+from .store_tables import _REQUEST_BYTES, RequestTables, StoreError, is_int
 from .trace import RoutingTrace, id_dtype_for
 
 __all__ = ["PRESENT", "EVICTED", "NOT_WRITTEN", "PENDING", "RouteStore", "StoreError"]
 
-#: :meth:`RouteStore.coverage` codes, per position.
-PRESENT, EVICTED, NOT_WRITTEN, PENDING = 0, 1, 2, 3
 _BLOCK_BOOKKEEPING = 128  # per block beyond ids/mask/lost: generation, refs, clock, flags, hash index
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 class RouteStore:
@@ -101,7 +98,7 @@ class RouteStore:
                  strict_hashes: bool = False) -> None:
         for name, v in (("num_experts", num_experts), ("top_k", top_k),
                         ("block_size", block_size), ("budget_bytes", budget_bytes)):
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise StoreError(f"RouteStore: expected {name} to be an int >= 1, got {v!r}")
         try:
             self.moe_layers = tuple(int(x) for x in moe_layers)
@@ -127,10 +124,12 @@ class RouteStore:
         self.num_blocks = num_blocks
         self.pool = BlockPool(num_blocks=num_blocks, block_size=P, num_layers=L, top_k=K,
                               dtype=self.dtype)
+        # the request tables, what goes through a block hash, and the step writer over them
         self.t = RequestTables(self.pool, block_bytes=self.block_bytes,
                                budget_bytes=self.budget_bytes)
-        self._no_valid = np.zeros((1, L), np.bool_)
-        self.hash_conflicts = 0
+        self.prefix = PrefixIndex(self.t, strict=self.strict_hashes)
+        self.steps = StepIngest(self.t, num_experts=self.num_experts, num_layers=L, top_k=K,
+                                dtype=self.dtype)
 
     # ---- introspection ------------------------------------------------------------------------
     def __contains__(self, request: Hashable) -> bool:
@@ -148,6 +147,11 @@ class RouteStore:
     def length(self, request: Hashable) -> int:
         """Positions covered so far (the next write starts here)."""
         return int(self.t.length[self.t.get(request).slot])
+
+    @property
+    def hash_conflicts(self) -> int:
+        """Hashes published twice with rows that disagree (see ``strict_hashes``)."""
+        return self.prefix.conflicts
 
     @property
     def evictions(self) -> int:
@@ -172,7 +176,6 @@ class RouteStore:
         """Bytes the full pool accounts for (the most the store can ever hold)."""
         return self.num_blocks * self.block_bytes
 
-    # ---- budget: block tables share it with the pool ---------------------------------------------
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request: Hashable, *, prompt_len: int, num_cached_tokens: int = 0,
                     block_hashes: Sequence[Hashable] = ()) -> int:
@@ -192,86 +195,31 @@ class RouteStore:
         if exists:
             raise StoreError(f"{where}: the request already exists; use restart() for a "
                              "preempted request")
-        if not _is_int(prompt_len) or prompt_len < 0:
+        if not is_int(prompt_len) or prompt_len < 0:
             raise StoreError(f"{where}: expected prompt_len to be an int >= 0, got "
                              f"{prompt_len!r}")
-        hashes = self._check_cached(where, num_cached_tokens, block_hashes)
+        hashes = cached_hashes(where, num_cached_tokens, block_hashes, self.block_size)
         nb = len(hashes)
         # the blocks this request hits are pinned: room for its table must not evict them (its
         # waits, counted now, would then be more than the bytes made room for)
         self.t.make_room(where, 0, _REQUEST_BYTES + self.t.growth_bytes(None, max(nb, 1))
-                         + self.t.wait_bytes(hashes), self.t.hit_blocks(hashes))
+                         + self.prefix.wait_bytes(hashes), self.prefix.hit_blocks(hashes))
         req = self.t.new_request(request, int(prompt_len), nb)
-        return self.t.attach(req, hashes)
+        return self.prefix.attach(req, hashes)
 
     def restart(self, request: Hashable, *, num_cached_tokens: int = 0,
                 block_hashes: Sequence[Hashable] = ()) -> int:
         """A preempted request is scheduled again: drop its rows, attach its cached prefix."""
         req = self.t.get(request)
         where = f"restart({request!r})"
-        hashes = self._check_cached(where, num_cached_tokens, block_hashes)
+        hashes = cached_hashes(where, num_cached_tokens, block_hashes, self.block_size)
         self.t.make_room(where, 0, self.t.growth_bytes(req, len(hashes))
-                         + self.t.wait_bytes(hashes), self.t.hit_blocks(hashes))
+                         + self.prefix.wait_bytes(hashes), self.prefix.hit_blocks(hashes))
         self.t.drop_entries(req, 0)
         self.t.length[req.slot] = 0
         req.published = 0
         self.t.grow(req, len(hashes))
-        return self.t.attach(req, hashes)
-
-    def _check_cached(self, where: str, n: Any, hashes: Sequence[Hashable]) -> list[Hashable]:
-        P = self.block_size
-        if not _is_int(n) or n < 0 or n % P:
-            raise StoreError(f"{where}: expected num_cached_tokens to be a multiple of the block "
-                             f"size {P}, got {n!r}")
-        try:
-            got = len(hashes)
-        except TypeError:
-            raise StoreError(f"{where}: expected block_hashes to be a sequence, got "
-                             f"{type(hashes).__name__}") from None
-        if got < n // P:
-            raise StoreError(f"{where}: {n} cached tokens need {n // P} block hashes, got {got}")
-        out = list(hashes[:n // P])
-        self._check_hashable(where, out)
-        return out
-
-    @staticmethod
-    def _check_hashable(where: str, hashes: list[Hashable]) -> None:
-        for j, h in enumerate(hashes):
-            try:
-                hash(h)
-            except TypeError:
-                raise StoreError(f"{where}: block hashes must be hashable, got "
-                                 f"{type(h).__name__} {h!r} at block {j}") from None
-
-    # ---- writing ------------------------------------------------------------------------------
-    def _check_rows(self, where: str, ids_NLK: Any, valid_NL: Any) -> None:
-        L, K = self.num_layers, self.top_k
-        if not isinstance(ids_NLK, np.ndarray) or ids_NLK.ndim != 3 or ids_NLK.shape[1:] != (L, K):
-            raise StoreError(f"{where}: expected rows of shape [T, L={L}, K={K}], got "
-                             f"{getattr(ids_NLK, 'shape', type(ids_NLK).__name__)}")
-        if ids_NLK.dtype != self.dtype:
-            raise StoreError(f"{where}: expected dtype {self.dtype}, got {ids_NLK.dtype}")
-        if valid_NL is not None and (not isinstance(valid_NL, np.ndarray)
-                                     or valid_NL.shape != ids_NLK.shape[:2]
-                                     or valid_NL.dtype != np.bool_):
-            raise StoreError(f"{where}: expected a bool valid mask of shape {ids_NLK.shape[:2]}, "
-                             f"got {getattr(valid_NL, 'dtype', type(valid_NL).__name__)} "
-                             f"{getattr(valid_NL, 'shape', '')}")
-
-    def _check_cells(self, where: str, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
-                     rows: np.ndarray, ns: np.ndarray) -> None:
-        bad = first_bad_cell(ids_NLK, valid_NL, rows, ns, self.num_experts)
-        if bad < 0:
-            return
-        L = self.num_layers
-        row, layer = divmod(bad, L)
-        ids = ids_NLK[row, layer]
-        if int(ids.max()) >= self.num_experts:
-            raise StoreError(f"{where}: expected expert ids in [0, {self.num_experts}), got "
-                             f"{ids.tolist()} at step row {row}, layer {layer}")
-        raise StoreError(f"{where}: expected {self.top_k} distinct expert ids in each row, got "
-                         f"{ids.tolist()} at step row {row}, layer {layer} (mark the cell "
-                         "invalid if the router did not produce it)")
+        return self.prefix.attach(req, hashes)
 
     def write(self, request: Hashable, start: int, ids_TLK: np.ndarray,
               valid_TL: np.ndarray | None = None, *, seek: bool = False) -> None:
@@ -279,8 +227,8 @@ class RouteStore:
 
         ``start`` must be the request's length, unless ``seek`` (see the module docstring).
         """
-        self._ingest(f"write({request!r})", ids_TLK, valid_TL,
-                     [(request, start, 0, getattr(ids_TLK, "shape", (0,))[0])], seek)
+        self.steps.ingest(f"write({request!r})", ids_TLK, valid_TL,
+                          [(request, start, 0, getattr(ids_TLK, "shape", (0,))[0])], seek)
 
     def ingest(self, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
                segments: Sequence[tuple[Hashable, int, int, int]], *, seek: bool = False) -> None:
@@ -292,33 +240,14 @@ class RouteStore:
         ``[0, E)``, K distinct ids per valid cell), are checked before anything is stored.
         ``seek``: segments may start anywhere (see the module docstring).
         """
-        self._ingest("ingest", ids_NLK, valid_NL, segments, seek)
-
-    def _ingest(self, where: str, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
-                segments: Sequence[tuple[Hashable, int, int, int]], seek: bool) -> None:
-        self._check_rows(where, ids_NLK, valid_NL)
-        try:
-            keys, starts_l, rows_l, ns_l = zip(*segments) if len(segments) else ((), (), (), ())
-            slots = np.array(list(map(self.t.slot_of.__getitem__, keys)), np.int64)
-        except (KeyError, TypeError, ValueError):
-            for seg in segments:
-                if not isinstance(seg, (tuple, list)) or len(seg) != 4:
-                    raise StoreError(f"{where}: expected segments of (request, start, first_row, "
-                                     f"num_rows), got {seg!r}") from None
-                self.t.get(seg[0])
-            raise StoreError(f"{where}: bad segments {segments!r}") from None
-        starts = _int_array(where, "start", starts_l)
-        rows = _int_array(where, "first_row", rows_l)
-        ns = _int_array(where, "num_rows", ns_l)
-        self._ingest_arrays(where, ids_NLK, valid_NL, slots, starts, rows, ns, seek)
+        self.steps.ingest("ingest", ids_NLK, valid_NL, segments, seek)
 
     def handle(self, request: Hashable) -> int:
         """An integer handle for ``request`` for :meth:`ingest_arrays`, valid until it is freed.
 
         A handle of a freed request is refused, even after its slot went to another request.
         """
-        slot = self.t.get(request).slot
-        return int(self.t.serial[slot]) << 32 | slot
+        return self.steps.handle(self.t.get(request))
 
     def ingest_arrays(self, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
                       handles: np.ndarray, starts: np.ndarray, first_rows: np.ndarray,
@@ -328,85 +257,7 @@ class RouteStore:
         ``handles[i]`` (from :meth:`handle`), ``starts[i]``, ``first_rows[i]``, ``num_rows[i]``
         describe segment i as in :meth:`ingest`, with the same checks.
         """
-        where = "ingest_arrays"
-        self._check_rows(where, ids_NLK, valid_NL)
-        arrs = []
-        for name, a in (("handles", handles), ("starts", starts), ("first_rows", first_rows),
-                        ("num_rows", num_rows)):
-            if (not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "iu"
-                    or a.shape != np.shape(handles)):
-                raise StoreError(f"{where}: expected {name} to be a 1-D integer array of "
-                                 f"{np.shape(handles)} entries, got "
-                                 f"{getattr(a, 'dtype', type(a).__name__)} {np.shape(a)}")
-            arrs.append(a.astype(np.int64, copy=False))
-        h, st, rw, ns = arrs
-        slots = h & 0xFFFFFFFF
-        ok = slots < self.t.length.shape[0]
-        ok[ok] = (h[ok] >> 32 == self.t.serial[slots[ok]]) & self.t.live[slots[ok]]
-        if not ok.all():
-            i = int(np.flatnonzero(~ok)[0])
-            raise StoreError(f"{where}: handle {int(h[i])} (segment {i}) names no request: the "
-                             "request was freed, or the handle is not from handle()")
-        self._ingest_arrays(where, ids_NLK, valid_NL, slots, st, rw, ns, seek)
-
-    def _ingest_arrays(self, where: str, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
-                       slots: np.ndarray, starts: np.ndarray, rows: np.ndarray, ns: np.ndarray,
-                       seek: bool) -> None:
-        N = ids_NLK.shape[0]
-        S = slots.shape[0]
-        pool, P = self.pool, self.block_size
-        kind = np.empty(S, np.int8)
-        lens = np.empty(S, np.int64)
-        if self.t.mark.shape[0] != self.t.length.shape[0]:
-            self.t.mark = np.full(self.t.length.shape[0], -1, np.int64)
-        bad = classify_segments(slots, starts, rows, ns, N, self.t.length, self.t.tail_b,
-                                self.t.tail_g, self.t.cap, pool.gen, pool.refs, pool.published,
-                                P, seek, kind, lens, self.t.mark)
-        if bad >= 0:
-            i, code = divmod(bad, 4)
-            keys = [self.t.by_slot[int(slots[i])].key] * (i + 1)
-            if code == 1:
-                raise StoreError(f"{where}: segment of {keys[i]!r} names rows [{int(rows[i])}, "
-                                 f"{int(rows[i] + ns[i])}) of a step of {N} rows")
-            if code == 2:
-                raise StoreError(f"{where}: segment of {keys[i]!r} starts at position "
-                                 f"{int(starts[i])}; expected >= 0")
-            _raise_position(where, keys[i], int(lens[i]), int(starts[i]))
-        self._check_cells(where, ids_NLK, valid_NL, rows, ns)
-        clock = pool.tick()
-        slow = np.flatnonzero(kind >= SEG_APPEND)  # appends and the rest: blocks to resolve
-        pieces = None
-        if slow.size:
-            # plan and reserve first (a refusal changes nothing), then resolve tables
-            fast_tails = self.t.tail_b[slots[kind == SEG_FAST]]
-            by_slot = self.t.by_slot
-            ai = slow[kind[slow] == SEG_APPEND]
-            si = slow[kind[slow] == SEG_SLOW]
-            pieces = self.t.resolve(where, [by_slot[i] for i in slots[si].tolist()],
-                                        starts[si], rows[si], ns[si], lens[si], fast_tails,
-                                        [by_slot[i] for i in slots[ai].tolist()], starts[ai],
-                                        rows[ai], ns[ai])
-        d = np.empty(S, np.int64)
-        s_ = np.empty(S, np.int64)
-        c = np.empty(S, np.int64)
-        k = fast_runs(kind, slots, starts, rows, ns, self.t.tail_b, P, self.t.length, pool.last_use,
-                      clock, d, s_, c)
-        if pieces is not None:
-            d = np.concatenate([d[:k], pieces[0]])
-            s_ = np.concatenate([s_[:k], pieces[1]])
-            c = np.concatenate([c[:k], pieces[2]])
-            k = d.shape[0]
-            for bs, r0 in pieces[3]:  # whole blocks from contiguous step rows: block copies
-                nb = bs.shape[0]
-                pool.ids[bs] = ids_NLK[r0:r0 + nb * P].reshape(nb, P, *ids_NLK.shape[1:])
-                pool.valid[bs] = True if valid_NL is None else valid_NL[r0:r0 + nb * P].reshape(
-                    nb, P, -1)
-        if k:
-            step = ids_NLK.reshape(N, -1)
-            has_valid = valid_NL is not None
-            scatter_runs(pool.ids_rows, step, pool.valid_rows,
-                         valid_NL if has_valid else self._no_valid, has_valid, d[:k], s_[:k],
-                         c[:k])
+        self.steps.ingest_arrays(ids_NLK, valid_NL, handles, starts, first_rows, num_rows, seek)
 
     def publish(self, request: Hashable, block_hashes: Sequence[Hashable]) -> None:
         """Publish the request's full blocks under the engine's chained content hashes.
@@ -424,14 +275,14 @@ class RouteStore:
         except TypeError:
             raise StoreError(f"{where}: expected block_hashes to be a sequence, got "
                              f"{type(block_hashes).__name__}") from None
-        self._check_hashable(where, todo)
-        self.hash_conflicts += self.t.publish(where, req, todo, full, self.strict_hashes)
+        check_hashable(where, todo)
+        self.prefix.publish(where, req, todo, full)
 
     def truncate(self, request: Hashable, length: int) -> None:
         """Forget positions ``>= length`` (e.g. rejected speculative tokens)."""
         req = self.t.get(request)
         old = int(self.t.length[req.slot])
-        if not _is_int(length) or not 0 <= length <= old:
+        if not is_int(length) or not 0 <= length <= old:
             raise StoreError(f"truncate({request!r}, {length!r}): expected 0 <= length <= {old}")
         where = f"truncate({request!r})"
         P = self.block_size
@@ -462,23 +313,10 @@ class RouteStore:
         req = self.t.get(request)
         length = int(self.t.length[req.slot])
         end = length if end is None else end
-        if not (_is_int(start) and _is_int(end) and 0 <= start <= end):
+        if not (is_int(start) and is_int(end) and 0 <= start <= end):
             raise StoreError(f"coverage({request!r}): expected 0 <= start <= end, got {start!r}, "
                              f"{end!r}")
-        P = self.block_size
-        j0, j1 = start // P, -(-end // P)
-        slots, alive, raw = self.t.entries(req, j0, j1)
-        pool = self.pool
-        code = np.full((j1 - j0, P), NOT_WRITTEN, np.int8)
-        present = pool.valid[slots].any(-1) & alive[:, None]
-        lost = pool.lost[slots] & alive[:, None]
-        code[lost] = EVICTED
-        code[present] = PRESENT
-        code[(~alive & ((raw >= 0) | (raw == _LOST)))] = EVICTED
-        code[raw == _WAIT] = PENDING
-        out = code.reshape(-1)[start - j0 * P:end - j0 * P].copy()
-        out[max(0, length - start):] = NOT_WRITTEN
-        return out
+        return coverage_codes(self.t, req, start, end)
 
     def take(self, request: Hashable, start: int = 0, end: int | None = None, *,
              token_ids: np.ndarray | None = None, request_id: str | None = None,
@@ -496,11 +334,10 @@ class RouteStore:
         req = self.t.get(request)
         length = int(self.t.length[req.slot])
         end = length if end is None else end
-        if not (_is_int(start) and _is_int(end) and _is_int(offset) and 0 <= start <= end
+        if not (is_int(start) and is_int(end) and is_int(offset) and 0 <= start <= end
                 and offset <= start):
             raise StoreError(f"take({request!r}): expected 0 <= start <= end and offset <= start,"
                              f" got {start!r}, {end!r}, offset {offset!r}")
-        P, L, K = self.block_size, self.num_layers, self.top_k
         T = end - start
         tok = None
         if token_ids is not None:
@@ -509,22 +346,7 @@ class RouteStore:
                 raise StoreError(f"take({request!r}): expected {T} integer token ids, got "
                                  f"{tok.dtype} {tok.shape}")
             tok = tok.astype(np.int32)
-        j0, j1 = start // P, -(-end // P)
-        slots, alive, _ = self.t.entries(req, j0, j1)
-        pool = self.pool
-        pool.last_use[slots[alive]] = pool.tick()
-        o = start - j0 * P
-        ids = pool.ids[slots].reshape(-1, L, K)[o:o + T]  # the one gather copy
-        valid = pool.valid[slots]
-        if not alive.all():
-            valid &= alive[:, None, None]
-        valid = valid.reshape(-1, L)[o:o + T]
-        if end > length:
-            valid[max(0, length - start):] = False
-        missing = None
-        if not valid.all():
-            missing = ~valid
-            ids[missing] = 0
+        ids, missing = gather_rows(self.t, req, start, end)
         # every stored row was checked on the way in (ids in range, distinct): no second scan
         return _trusted_trace(
             expert_ids=ids, missing=missing, num_experts=self.num_experts,
@@ -536,25 +358,6 @@ class RouteStore:
     def check_invariants(self) -> None:
         """Raise AssertionError if the bookkeeping is inconsistent (for tests and simulators)."""
         self.t.check_invariants()
-def _int_array(where: str, name: str, values: Sequence[Any]) -> np.ndarray:
-    if set(map(type, values)) <= {int}:  # the common case, without numpy's type inference
-        return np.fromiter(values, np.int64, len(values))
-    arr = np.asarray(values)
-    if arr.size and (arr.dtype.kind not in "iu" or arr.ndim != 1):
-        bad = next((v for v in values if not _is_int(v)), values[0])
-        raise StoreError(f"{where}: expected {name} of every segment to be an int, got {bad!r}")
-    return arr.astype(np.int64, copy=False).reshape(-1) if arr.size else np.zeros(0, np.int64)
-
-
-def _raise_position(where: str, request: Hashable, length: int, start: int) -> None:
-    if start < length:
-        raise StoreError(
-            f"{where}: positions going backwards: the write starts at {start} but request "
-            f"{request!r} already has {length} positions; call truncate({request!r}, "
-            f"{start}) first to drop rejected rows, restart() after a preemption, or pass "
-            "seek=True")
-    raise StoreError(f"{where}: a gap: the write starts at {start} but request {request!r} has "
-                     f"{length} positions (expected {length}, or pass seek=True)")
 
 
 def _trusted_trace(**fields: Any) -> RoutingTrace:

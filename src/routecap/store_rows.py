@@ -4,10 +4,17 @@ Shape legend: N rows of one step, L MoE layers, K top-k.
 
 The store checks every row it stores once, on the way in, so that :meth:`RouteStore.take` can
 hand out traces without scanning them again. Only rows a segment names are checked (padding
-rows of a step are ignored, as documented), and only valid cells. The check runs at memory
-speed for the common router shape of 8 one-byte ids per row (top-8 of up to 256 experts) with a
-SWAR kernel; other shapes use a general compiled loop; :func:`first_bad_cell_reference` is the
+rows of a step are ignored, as documented), and only valid cells. For the common router shape
+of 8 one-byte ids per cell (top-8 of up to 128, or of 256, experts) the check reads each cell as
+one 64-bit word (SWAR, about 1.5 copies of the same bytes on the benchmark machine); other
+shapes use a general compiled loop; :func:`first_bad_cell_reference` is the
 plain numpy definition both are tested against.
+
+The per-step kernels live here too: :func:`classify_segments` (what storing each segment takes),
+:func:`step_fast` (a whole step whose rows all go into private tail blocks, in one call),
+:func:`copy_check_runs` (rows checked, then copied into the pool while in cache; a refusal
+undoes what was written), and the plain scatter of the general path. Every kernel asserts its
+contract (shapes, run bounds) at its boundary; the tests run them under ``NUMBA_BOUNDSCHECK=1``.
 """
 
 from __future__ import annotations
@@ -128,7 +135,7 @@ def first_bad_cell(ids_NLK: np.ndarray, valid_NL: np.ndarray | None, first_N: np
 
 
 #: :func:`classify_segments` kinds
-SEG_NOOP, SEG_FAST, SEG_APPEND, SEG_SLOW = 0, 1, 2, 3
+SEG_NOOP, SEG_FAST, SEG_APPEND, SEG_SLOW, SEG_FRESH = 0, 1, 2, 3, 4
 
 
 def classify_segments_reference(slots, starts, rows, ns, num_rows, lens_by_slot, tail_b, tail_g,
@@ -137,9 +144,11 @@ def classify_segments_reference(slots, starts, rows, ns, num_rows, lens_by_slot,
     """Check a step's segments and sort them by what storing them takes (see the compiled twin).
 
     Fills ``kind[i]`` (:data:`SEG_FAST`: inside the request's private tail block;
-    :data:`SEG_APPEND`: a fresh block at the table's end; :data:`SEG_SLOW`: anything else that
-    changes the request; :data:`SEG_NOOP`) and ``lens[i]`` (the request's length before the
-    segment: a request named twice continues where its previous segment ended). Returns -1, or
+    :data:`SEG_APPEND`: one fresh block at the table's end, within its capacity;
+    :data:`SEG_FRESH`: fresh blocks from a block boundary at the table's end (a prefill chunk);
+    :data:`SEG_SLOW`: anything else that changes the request; :data:`SEG_NOOP`) and ``lens[i]``
+    (the request's length before the segment: a request named twice continues where its
+    previous segment ended). Returns -1, or
     ``i * 4 + code`` for the first bad segment i: code 1 rows out of the step, 2 negative start,
     3 start is not the length (without ``seek``). ``mark`` is scratch, one entry per slot, -1.
     """
@@ -190,6 +199,8 @@ def classify_segments_reference(slots, starts, rows, ns, num_rows, lens_by_slot,
                 kind[i] = SEG_SLOW
         elif o == 0 and n <= P and st // P < cap[s]:
             kind[i] = SEG_APPEND
+        elif o == 0:
+            kind[i] = SEG_FRESH
         else:
             kind[i] = SEG_SLOW
     for k in range(S):
@@ -249,3 +260,222 @@ if _HAVE_NUMBA:
 else:  # pragma: no cover
     fast_runs = fast_runs_reference
     scatter_runs = scatter_runs_reference
+
+
+# ---- the fused step: rows checked as they are copied into the pool ---------------------------
+
+def _word_flags_py(x, add, rmask):  # pragma: no cover (compiled)
+    # 8 one-byte ids in a uint64: nonzero iff an id >= E (see rmask) or two ids are equal.
+    # x ^ rotate(x, 8j) has a zero byte where ids j apart are equal (rotations by 1..4 bytes
+    # compare every pair); (v - 0x01..) & ~v has the top bit of some byte set iff v has a zero
+    # byte.
+    lo = np.uint64(0x0101010101010101)
+    hi = np.uint64(0x8080808080808080)
+    g = ((x + add) | x) & rmask
+    v = x ^ ((x >> np.uint64(8)) | (x << np.uint64(56)))
+    z = (v - lo) & ~v
+    v = x ^ ((x >> np.uint64(16)) | (x << np.uint64(48)))
+    z |= (v - lo) & ~v
+    v = x ^ ((x >> np.uint64(24)) | (x << np.uint64(40)))
+    z |= (v - lo) & ~v
+    v = x ^ ((x >> np.uint64(32)) | (x << np.uint64(32)))
+    z |= (v - lo) & ~v
+    return g | (z & hi)
+
+
+def _cell_bad_py(cells, i, K, E):
+    for a in range(K):
+        va = cells[i, a]
+        if va >= E:
+            return True
+        for b in range(a):
+            if cells[i, b] == va:
+                return True
+    return False
+
+
+def _undo_valid_py(dst_valid, d, n, q, r):
+    # rows written so far (runs before q, and rows [0, r) of run q) are invalid again
+    for qq in range(q + 1):
+        m = n[qq] if qq < q else r
+        for rr in range(m):
+            for c in range(dst_valid.shape[1]):
+                dst_valid[d[qq] + rr, c] = False
+
+
+if _HAVE_NUMBA:
+    _word_flags = _nb.njit(inline="always")(_word_flags_py)
+    _cell_bad = _nb.njit(inline="always")(_cell_bad_py)
+    _undo_valid = _nb.njit(cache=True, nogil=True)(_undo_valid_py)
+else:  # pragma: no cover
+    _word_flags, _cell_bad, _undo_valid = _word_flags_py, _cell_bad_py, _undo_valid_py
+
+
+def copy_check_runs_py(dst_cells, src_cells, src_words, swar, dst_valid, src_valid, has_valid,
+                       d, s, n, E):
+    """Copy runs of step rows into pool rows, checking each row before it is copied.
+
+    Shapes: ``dst_cells [R*L, K]`` / ``dst_valid [R, L]`` (the pool's rows), ``src_cells [N*L, K]``
+    / ``src_valid [N, L]`` (the step; ``has_valid`` False: every cell valid, ``src_valid`` unused).
+    Run q: rows ``[s[q], s[q] + n[q])`` to ``[d[q], d[q] + n[q])``. With ``swar`` (uint8 ids,
+    K = 8, E <= 128 or E >= 256) ``src_words`` holds the step's cells as one uint64 each.
+
+    Runs whose step rows follow each other (a decode step's rows, a prefill chunk's blocks) are
+    checked together, up to 32 KB at a time, and then copied while those bytes are in cache.
+
+    Returns -1 when every row was stored; else the flat index ``row * L + layer`` of the first
+    bad valid cell in run order (an id >= E, or a repeated id), and then every destination row
+    this call wrote is invalid again. The caller guarantees that those rows were invalid before
+    (fresh blocks, rows past a request's length in its private tail block) and that
+    destinations do not overlap.
+    """
+    L = dst_valid.shape[1]
+    K = dst_cells.shape[1]
+    R = dst_valid.shape[0]
+    N = src_cells.shape[0] // L
+    W = L * K
+    # the contract, checked at the boundary (bounds checking covers the rest in tests)
+    assert src_cells.shape[0] == N * L and src_cells.shape[1] == K and dst_cells.shape[0] == R * L
+    assert d.shape[0] == s.shape[0] and n.shape[0] == d.shape[0]
+    assert not has_valid or (src_valid.shape[0] == N and src_valid.shape[1] == L)
+    assert not swar or (K == 8 and (E <= 128 or E >= 256) and src_words.shape[0] == N * L)
+    for q in range(d.shape[0]):
+        assert n[q] >= 0 and s[q] >= 0 and s[q] + n[q] <= N and d[q] >= 0 and d[q] + n[q] <= R
+    dst_rows = dst_cells.reshape(R, W)
+    src_rows = src_cells.reshape(N, W)
+    # the range test (x + add) | x sets the top bit of a byte >= E when E <= 128; with E >= 256
+    # a byte is always < E and the test is masked off
+    add = np.uint64(0)
+    rmask = np.uint64(0)
+    if E <= 128:
+        add = np.uint64(0x0101010101010101) * np.uint64(127 - (E - 1))
+        rmask = np.uint64(0x8080808080808080)
+    Q = d.shape[0]
+    q0 = 0
+    while q0 < Q:
+        c0 = s[q0] * L
+        c1 = c0 + n[q0] * L
+        q1 = q0 + 1
+        while q1 < Q and s[q1] * L == c1 and c1 - c0 < 4096:
+            c1 += n[q1] * L
+            q1 += 1
+        bad = -1
+        if swar:
+            # one pass over the group's cells, no branch inside (vectorised)
+            f = np.uint64(0)
+            if has_valid:
+                for i in range(c0, c1):
+                    f |= _word_flags(src_words[i], add, rmask) * np.uint64(
+                        src_valid[i // L, i % L])
+            else:
+                for i in range(c0, c1):
+                    f |= _word_flags(src_words[i], add, rmask)
+            if f != 0:
+                for i in range(c0, c1):
+                    if (not has_valid or src_valid[i // L, i % L]) and _cell_bad(src_cells, i, K, E):
+                        bad = i
+                        break
+                assert bad >= 0
+        else:
+            for i in range(c0, c1):
+                if (not has_valid or src_valid[i // L, i % L]) and _cell_bad(src_cells, i, K, E):
+                    bad = i
+                    break
+        if bad >= 0:
+            _undo_valid(dst_valid, d, n, q0, 0)
+            return bad
+        for q in range(q0, q1):
+            for r in range(n[q]):
+                a = d[q] + r
+                b = s[q] + r
+                for c in range(W):
+                    dst_rows[a, c] = src_rows[b, c]
+                if has_valid:
+                    for c in range(L):
+                        dst_valid[a, c] = src_valid[b, c]
+                else:
+                    for c in range(L):
+                        dst_valid[a, c] = True
+        q0 = q1
+    return -1
+
+
+if _HAVE_NUMBA:
+    copy_check_runs = _nb.njit(cache=True, nogil=True)(copy_check_runs_py)
+else:  # pragma: no cover
+    copy_check_runs = copy_check_runs_py
+
+#: :func:`step_fast` results besides ``i * 4 + code`` (a bad segment, code 0: no such request)
+STEP_STORED, STEP_EVENTS = -1, -2
+
+
+def step_fast_py(handles, from_handles, serial, live, slots, starts, rows, ns, seek,
+                 length, tail_b, tail_g, cap, gen, refs, published, P, kind, lens, mark,
+                 dst_cells, src_cells, src_words, swar, dst_valid, src_valid, has_valid, E,
+                 last_use, clock, d, s, n):  # noqa: PLR0913
+    """One engine step in one compiled call when no segment needs an event (a new block...).
+
+    Maps ``handles`` (``serial << 32 | slot``, checked against ``serial``/``live``, when
+    ``from_handles``; else they are slots) into ``slots``, then classifies the segments
+    (:func:`classify_segments`, filling ``kind``/``lens``). If every segment is
+    :data:`SEG_FAST` or :data:`SEG_NOOP`, copies and checks their rows
+    (:func:`copy_check_runs`, runs in ``d``/``s``/``n``) and commits the requests' lengths,
+    tails and the blocks' last use. Returns :data:`STEP_STORED`; :data:`STEP_EVENTS` (nothing
+    changed: the caller resolves the step); ``i * 4 + code`` for a bad segment i (code 0 a
+    handle naming no request, 1-3 as :func:`classify_segments`); or ``-3 - cell`` for a bad cell
+    (nothing changed).
+    """
+    S = handles.shape[0]
+    M = length.shape[0]
+    B = gen.shape[0]
+    L = dst_valid.shape[1]
+    N = src_cells.shape[0] // L
+    assert (slots.shape[0] == S and starts.shape[0] == S and rows.shape[0] == S
+            and ns.shape[0] == S and kind.shape[0] == S and lens.shape[0] == S
+            and d.shape[0] >= S and s.shape[0] >= S and n.shape[0] >= S)
+    assert (tail_b.shape[0] == M and tail_g.shape[0] == M and cap.shape[0] == M
+            and serial.shape[0] == M and live.shape[0] == M and mark.shape[0] == M)
+    assert refs.shape[0] == B and published.shape[0] == B and last_use.shape[0] == B
+    assert dst_valid.shape[0] == B * P and P >= 1
+    for i in range(S):
+        h = handles[i]
+        if from_handles:
+            sl = h & 0xFFFFFFFF
+            if h < 0 or sl >= M or (h >> 32) != serial[sl] or not live[sl]:
+                return i * 4
+        else:
+            sl = h
+            assert 0 <= sl < M and live[sl]
+        slots[i] = sl
+    code = classify_segments(slots, starts, rows, ns, N, length, tail_b, tail_g, cap, gen, refs,
+                             published, P, seek, kind, lens, mark)
+    if code >= 0:
+        return code
+    k = 0
+    for i in range(S):
+        if kind[i] == SEG_FAST:
+            d[k] = tail_b[slots[i]] * P + starts[i] % P
+            s[k] = rows[i]
+            n[k] = ns[i]
+            k += 1
+        elif kind[i] != SEG_NOOP:
+            return STEP_EVENTS
+    bad = copy_check_runs(dst_cells, src_cells, src_words, swar, dst_valid, src_valid,
+                          has_valid, d[:k], s[:k], n[:k], E)
+    if bad >= 0:
+        return -3 - bad
+    for i in range(S):
+        if kind[i] == SEG_FAST:
+            sl = slots[i]
+            last_use[tail_b[sl]] = clock
+            end = starts[i] + ns[i]
+            length[sl] = end
+            if end % P == 0:
+                tail_b[sl] = -1
+    return STEP_STORED
+
+
+if _HAVE_NUMBA:
+    step_fast = _nb.njit(cache=True, nogil=True)(step_fast_py)
+else:  # pragma: no cover
+    step_fast = step_fast_py

@@ -7,20 +7,23 @@ block's generation, or says that there is no block: lost to an eviction, never w
 or *waiting* on a hash not published yet (a same-step prefix hit). Per-request state the
 compiled step needs (length, tail block, table capacity) lives in arrays indexed by the
 request's *slot*. The tables share the store's byte budget with the pool: their bytes lower the
-pool's block limit (:meth:`RequestTables.make_room`). Resolving a step's writes that need blocks
-(copy on write, cuts, gaps, fresh blocks) happens here, after one reservation for all of them.
+pool's block limit (:meth:`RequestTables.make_room`). The edits a table entry can undergo live
+here: grown, dropped (blocks unreferenced, waits cancelled), cut inside a block, made writable
+(copy on write, a fresh block for an evicted one). What a step writes is resolved by
+:mod:`routecap.store_ingest`; what goes through a block hash, by :mod:`routecap.store_prefix`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .block_pool import BlockPool
 
-__all__ = ["RequestTables", "StoreError"]
+__all__ = ["RequestTables", "StoreError", "is_int"]
 
 # table entries that name no block
 _LOST = -1  # the engine had the block, the store had evicted it (or the block was evicted later)
@@ -29,6 +32,11 @@ _WAIT = -3  # a prefix-cache hit on a hash not published yet
 _REQUEST_BYTES = 512  # per request: its record, dict entries and array headers (an upper bound)
 _ENTRY_BYTES = 16  # per block-table slot: block (int64) and generation (int64)
 _WAIT_BYTES = 512  # per entry waiting on a hash: its place in two dicts (an upper bound)
+
+
+def is_int(x: Any) -> bool:
+    """An integer, not a bool (numpy integers included)."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 class StoreError(KeyError, ValueError):
@@ -144,6 +152,10 @@ class RequestTables:
         pool.shrink_to_limit(pinned)
         pool.reserve(new_blocks, pinned)
 
+    def fits_without_eviction(self, new_blocks: int, table_growth: int) -> bool:
+        """``new_blocks`` and ``table_growth`` table bytes fit with no block evicted."""
+        return self.limit_for(self.table_bytes + table_growth) >= self.pool.in_use + new_blocks
+
     def grow(self, req: _Request, need: int) -> None:
         """Make room for ``need`` table entries (bytes were accounted for by the caller)."""
         cap = req.capacity
@@ -161,35 +173,6 @@ class RequestTables:
     def growth_bytes(req: _Request | None, need: int) -> int:
         cap = 0 if req is None else req.capacity
         return 0 if need <= cap else (_capacity_for(need) - cap) * _ENTRY_BYTES
-
-    def wait_bytes(self, hashes: list[Hashable]) -> int:
-        by_hash = self.pool.by_hash
-        return _WAIT_BYTES * sum(h not in by_hash for h in hashes)
-
-    def hit_blocks(self, hashes: list[Hashable]) -> np.ndarray:
-        """The published blocks of ``hashes`` (to pin while room is made for a prefix hit)."""
-        by_hash = self.pool.by_hash
-        return np.array([by_hash[h] for h in hashes if h in by_hash], np.int64)
-
-    def attach(self, req: _Request, hashes: list[Hashable]) -> int:
-        pool, P = self.pool, self.block_size
-        have = 0
-        for j, h in enumerate(hashes):
-            b = pool.by_hash.get(h)
-            if b is not None:
-                pool.ref(b)
-                req.blocks[j] = b
-                req.gens[j] = pool.gen[b]
-                have += P
-            else:  # not published (yet): wait for it; if it never comes, it reads missing
-                req.blocks[j] = _WAIT
-                req.waits[j] = h
-                self.waiting.setdefault(h, {})[req.slot] = req
-        req.nblocks = len(hashes)
-        self.length[req.slot] = len(hashes) * P
-        req.published = len(hashes)
-        self.tail_b[req.slot] = -1
-        return have
 
     def drop_entries(self, req: _Request, keep: int) -> None:
         """Release table entries ``>= keep`` (blocks unreferenced, waits cancelled)."""
@@ -223,114 +206,9 @@ class RequestTables:
         self.cap = np.concatenate([self.cap, np.zeros(n, np.int64)])
         self.serial = np.concatenate([self.serial, np.zeros(n, np.int64)])
         self.live = np.concatenate([self.live, np.zeros(n, np.bool_)])
+        self.mark = np.concatenate([self.mark, np.full(n, -1, np.int64)])
         self.free_slots.extend(range(2 * n - 1, n - 1, -1))
         self.by_slot.extend([None] * n)
-
-    def resolve(self, where: str, reqs: list[_Request], starts: np.ndarray,
-                      rows: np.ndarray, ns: np.ndarray, lens: np.ndarray,
-                      pinned_fast: np.ndarray, app_reqs: list[_Request], app_starts: np.ndarray,
-                      app_rows: np.ndarray, app_ns: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[np.ndarray, int]]]:
-        """Segments that need blocks: plan all, reserve once, then resolve.
-
-        ``app_*``: segments that start a fresh block at their table's end (one block each).
-        The rest may copy on write, cut, leave gaps or span blocks.
-        """
-        pool, P = self.pool, self.block_size
-        need = 0
-        growth: dict[int, int] = {}
-        pins: list[int] = []
-        repeated = len({r.slot for r in reqs}) != len(reqs)
-        for req, start, n, length in zip(reqs, starts.tolist(), ns.tolist(), lens.tolist(),
-                                         strict=True):
-            end = start + n
-            cut = min(start, length)
-            j_lo = cut // P
-            j_hi = -(-end // P)  # entries [j_lo, j_hi) are written
-            growth[req.slot] = max(growth.get(req.slot, 0), j_hi, req.nblocks)
-            # entries that survive a cut (start < length): those below ceil(start / P)
-            keep = -(-cut // P) if start < length else req.nblocks
-            if not n:
-                j_hi = j_lo + 1 if start < length and cut % P else j_lo  # the cut's copy only
-            for j in range(j_lo, j_hi):
-                if j >= keep or j >= req.nblocks:
-                    need += 1  # dropped by the cut, or past the table: a fresh block
-                    continue
-                b = int(req.blocks[j])
-                if b >= 0 and pool.gen[b] == req.gens[j]:
-                    pins.append(b)
-                    if not pool.private(b):
-                        need += 1  # copied on write (or to cut inside it)
-                else:
-                    need += 1
-            if repeated:
-                need += 1  # bound: a repeated request's later segment may copy once more
-        table_growth = sum(self.growth_bytes(r, growth[r.slot]) for r in
-                           {r.slot: r for r in reqs}.values())
-        pinned = np.unique(np.concatenate([pinned_fast, np.asarray(pins, np.int64)]))
-        self.make_room(where, need + len(app_reqs), table_growth, pinned)
-        dst: list[int] = []
-        src: list[int] = []
-        cnt: list[int] = []
-        bulk: list[tuple[np.ndarray, int]] = []  # whole blocks: (blocks, first step row)
-        try:
-            if app_reqs:
-                bs = pool.take_many(len(app_reqs))
-                gs = pool.gen[bs]
-                js = app_starts // P
-                for req, b, g, j in zip(app_reqs, bs.tolist(), gs.tolist(), js.tolist()):
-                    req.blocks[req.nblocks:j] = _GAP
-                    req.blocks[j] = b
-                    req.gens[j] = g
-                    req.nblocks = j + 1
-                slots = np.fromiter((r.slot for r in app_reqs), np.int64, len(app_reqs))
-                self.length[slots] = app_starts + app_ns
-                open_ = (app_ns < P)
-                self.tail_b[slots] = np.where(open_, bs, -1)
-                self.tail_g[slots] = gs
-                dst.extend((bs * P).tolist())
-                src.extend(app_rows.tolist())
-                cnt.extend(app_ns.tolist())
-            for req, start, row, n, length in zip(reqs, starts.tolist(), rows.tolist(),
-                                                  ns.tolist(), lens.tolist(), strict=True):
-                self.grow(req, growth[req.slot])
-                length = int(self.length[req.slot]) if repeated else length
-                if start < length:
-                    self.cut(req, start, length)
-                    length = start
-                elif start > length and length % P:
-                    pass  # rows past the length are invalid already: the gap reads missing
-                pos, end = start, start + n
-                while pos < end:
-                    j, off = divmod(pos, P)
-                    if not off and j >= req.nblocks and end - pos >= P:
-                        # whole fresh blocks past the table (prefill chunks): all at once
-                        k = (end - pos) // P
-                        bs = pool.take_many(k)
-                        req.blocks[req.nblocks:j] = _GAP
-                        req.blocks[j:j + k] = bs
-                        req.gens[j:j + k] = pool.gen[bs]
-                        req.nblocks = j + k
-                        bulk.append((bs, row + pos - start))
-                        pos += k * P
-                        continue
-                    m = min(P - off, end - pos)
-                    b = self.writable(req, j, length)
-                    dst.append(b * P + off)
-                    src.append(row + pos - start)
-                    cnt.append(m)
-                    pos += m
-                if n:
-                    # entries between the old table end and the first written one are gaps
-                    self.length[req.slot] = end
-                    self.sync_tail(req, end)
-                else:
-                    self.length[req.slot] = start
-                    self.sync_tail(req, start)
-        finally:
-            pool.unreserve()
-        return (np.asarray(dst, np.int64), np.asarray(src, np.int64), np.asarray(cnt, np.int64),
-                bulk)
 
     def sync_tail(self, req: _Request, length: int) -> None:
         j, o = divmod(length, self.block_size)
@@ -389,72 +267,6 @@ class RequestTables:
         req.gens[j] = pool.gen[nb]
         return nb
 
-    def publish(self, where: str, req: _Request, todo: list[Hashable], full: int,
-                strict: bool) -> int:
-        """Publish entries ``[req.published, full)`` under ``todo``; returns the conflicts seen.
-
-        A hash already published for another block links to it (deduplication) when that block
-        is at least as complete, replaces it when it lost cells ours has, and is a *conflict*
-        (both keep their rows; raised if ``strict``) when the rows disagree. Waits on a newly
-        published hash are linked to it.
-        """
-        pool = self.pool
-        conflicts = 0
-        if strict:
-            for j, h in enumerate(todo, start=req.published):
-                b, other = int(req.blocks[j]), pool.by_hash.get(h)
-                if (b >= 0 and pool.gen[b] == req.gens[j] and other is not None and other != b
-                        and self._disagree(b, other)):
-                    raise StoreError(f"{where}: block {j} hash {h!r} was published before with "
-                                     "different routes; block hashes must be chained content "
-                                     "hashes (the hash of block j covers blocks 0..j)")
-        for j, h in enumerate(todo, start=req.published):
-            b, g = int(req.blocks[j]), int(req.gens[j])
-            if b < 0 or pool.gen[b] != g:
-                continue  # evicted, or waiting itself: nothing to publish
-            other = pool.by_hash.get(h)
-            if other == b:
-                continue
-            if other is not None:
-                if self._disagree(b, other):
-                    conflicts += 1  # keep our own rows, unpublished
-                    continue
-                if not (pool.valid[b] & ~pool.valid[other]).any():
-                    # deduplicate: link to the block already published under this hash
-                    pool.ref(other)
-                    req.blocks[j] = other
-                    req.gens[j] = pool.gen[other]
-                    pool.unref(b, g)
-                    continue
-                # the published copy lost cells (an eviction) that this one has: publish ours
-                # instead; the old one stays with the requests that hold it
-                pool.unpublish(other)
-            if not pool.published[b]:
-                pool.publish(b, h)
-                self.wake(h, b)
-        req.published = max(req.published, full)
-        return conflicts
-
-    def _disagree(self, a: int, b: int) -> bool:
-        pool = self.pool
-        both = pool.valid[a] & pool.valid[b]
-        return bool((pool.ids[a][both] != pool.ids[b][both]).any())
-
-    def wake(self, h: Hashable, b: int) -> None:
-        """Link every entry waiting on hash h to block b."""
-        waiters = self.waiting.pop(h, None)
-        if not waiters:
-            return
-        pool = self.pool
-        for req in waiters.values():
-            for j in [j for j, h2 in req.waits.items() if h2 == h]:
-                del req.waits[j]
-                self.table_bytes -= _WAIT_BYTES
-                pool.ref(b)
-                req.blocks[j] = b
-                req.gens[j] = pool.gen[b]
-        pool.limit = self.limit_for(self.table_bytes)
-
     def entries(self, req: _Request, j0: int, j1: int) -> tuple[np.ndarray, np.ndarray]:
         """Blocks of entries ``[j0, j1)`` (0 where not alive) and whether each is alive."""
         n = max(0, j1 - j0)
@@ -469,7 +281,11 @@ class RequestTables:
         return np.where(alive, blocks, 0), alive, blocks
 
     def check_invariants(self) -> None:
-        """Raise AssertionError if the bookkeeping is inconsistent (for tests and simulators)."""
+        """Raise AssertionError if the bookkeeping is inconsistent (for tests and simulators).
+
+        Checks every table against the pool (refcounts), the waits in both directions, the tail
+        cache and the byte accounting.
+        """
         pool, P = self.pool, self.block_size
         expected = np.zeros(pool.num_blocks, np.int64)
         table_bytes = 0
