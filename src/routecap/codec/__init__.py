@@ -16,7 +16,7 @@ Each row is a set of K distinct ids out of E. Instead of K bytes it is written a
   often the block routes to them, each row's ascending ranks coded as gaps with one frequency
   table per (layer, position in the row) and rANS (:mod:`~routecap.codec.entropy`). On routes
   with a trained router's skew it is 4.5-17% smaller than ``set``, decodes at 0.4-0.7x its speed
-  and encodes at a sixth; ``auto`` does not pick it (docs/trace-format.md gives the figures).
+  and encodes at a fifth; ``auto`` does not pick it (docs/trace-format.md gives the figures).
 
 Rows are packed token by token, a token's L rows one after the other, each token starting on a
 byte. Tokens go in blocks (16384 by default) that are compressed (zstd) and decoded independently,
