@@ -95,8 +95,8 @@ def test_packed_rows_within_three_percent_of_the_bound(E, K, limit):
 @pytest.mark.parametrize("E,K", [(128, 8), (256, 8), (16, 2)])
 def test_never_larger_than_raw_plus_zstd(E, K, repeat):
     t = make(300, 6, K, E, repeat=repeat, tokens=False, seed=7)
-    for tr, mode in ((t, "order"), (t.with_sorted_topk(), "set")):
-        # raw ids of the trace being encoded (sorted in set mode) + zstd
+    for tr, mode in ((t, "order"), (t.with_sorted_topk(), "set"), (t.with_sorted_topk(), "entropy")):
+        # raw ids of the trace being encoded (sorted in the set modes) + zstd
         baseline = len(zstandard.ZstdCompressor(level=3).compress(tr.expert_ids.tobytes()))
         h = inspect(blob := encode(tr, mode=mode))
         routes = next(s for s in h["sections"] if s["name"] == "routes")
