@@ -157,4 +157,3 @@ def inspect_folder(folder: Path) -> FolderState:
                                  f"{index.get('format_version')!r} (this routecap reads 1)")
         st.legacy.append((ip, index))
     return st
-

@@ -202,4 +202,3 @@ def _unlink_all(folder: Path, names: Iterable[str]) -> None:
         except FileNotFoundError:
             pass
     fsync_folder(folder)
-

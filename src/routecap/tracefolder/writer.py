@@ -191,4 +191,3 @@ class TraceWriter:
         finally:
             if self.run is not None:
                 self.run.close()
-
