@@ -79,7 +79,7 @@ def _resolve_device(device: Device) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device is Device.cuda and not torch.cuda.is_available():
         raise fail("--device cuda: no CUDA device is available (torch.cuda.is_available() is "
-                    "False); use --device cpu")
+                   "False); use --device cpu")
     return device.value
 
 
@@ -147,7 +147,7 @@ def capture(
 
     if overwrite and resume:
         raise fail("--overwrite and --resume exclude each other: --resume finishes the capture "
-                    "in --out, --overwrite replaces it")
+                   "in --out, --overwrite replaces it")
     try:
         items = read_prompts(prompts, prompts_format.value)
         check_sampling(sample=sample, temperature=temperature, top_p=top_p)
