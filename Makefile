@@ -33,12 +33,13 @@ demo: $(STAMP)
 # fails a test instead of reading memory at random. -m "" runs their slow part too.
 NUMBA_TESTS := tests/test_codec.py tests/test_codec_kernels.py tests/test_golden.py tests/test_route_checks.py tests/test_store_rows.py
 
-# The whole test suite (then the transformers-facing part again under transformers 5.17, and the
-# numba-backed part under bounds checking).
+# The whole test suite on every core (pytest-xdist; the multi-process tests fork their ranks from a
+# server that imported torch once), then the transformers-facing part again under transformers
+# 5.17, and the numba-backed part under bounds checking.
 test: $(STAMP) $(COMPAT_STAMP) chromium
-	$(VENV)/bin/python -m pytest -q -m ""
-	$(COMPAT)/bin/python -m pytest -q $(COMPAT_TESTS)
-	NUMBA_BOUNDSCHECK=1 NUMBA_CACHE_DIR=.numba-boundscheck $(VENV)/bin/python -m pytest -q -m "" $(NUMBA_TESTS)
+	$(VENV)/bin/python -m pytest -q -m "" -n auto
+	$(COMPAT)/bin/python -m pytest -q -n auto $(COMPAT_TESTS)
+	NUMBA_BOUNDSCHECK=1 NUMBA_CACHE_DIR=.numba-boundscheck $(VENV)/bin/python -m pytest -q -m "" -n auto $(NUMBA_TESTS)
 
 # The report's browser test needs a real Chromium (Debian's package; Playwright drives it, no
 # browser download). Installed when missing; if that is impossible the test skips and says why.

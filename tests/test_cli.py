@@ -44,7 +44,8 @@ def test_readme_starts_with_two_quick_start_commands():
     assert first_section == "Quick start"
     assert quick_start_commands() == ["make demo", "make test"]
     assert "make test" in (ROOT / ".ci" / "run").read_text()
-    assert make_recipe("test")[0] == "$(VENV)/bin/python -m pytest -q -m \"\""  # the whole suite, slow part included
+    # the whole suite, slow part included, on every core
+    assert make_recipe("test")[0] == "$(VENV)/bin/python -m pytest -q -m \"\" -n auto"
 
 
 def test_readme_main_job_writes_traces_and_summary(tmp_path):

@@ -250,25 +250,26 @@ def test_missing_path(tmp_path):
                                pytest.param(20_000, id="full", marks=pytest.mark.slow)])
 def test_fuzz_file_reader_rejects_or_reads_back_exactly(tmp_path, n):
     """Mutated trace files (header included): a TraceFileError, or exactly the original traces."""
-    from fuzzing import mutate
+    from fuzzing import fuzz_rng, mutate, report_failure
 
     good = tmp_path / "good.safetensors"
     original = traces_for(16)
     save_file(original, good)
     data = good.read_bytes()
-    rng = np.random.default_rng(3)
+    seed, rng = fuzz_rng(3)
     p = tmp_path / "f.safetensors"
     same = 0
-    for _ in range(n):
+    for i in range(n):
         m = mutate(rng, data)
         p.write_bytes(m)
-        try:
-            back = load_file(p)
-        except TraceFileError:
-            continue
-        assert len(back) == len(original), m
-        for a, b in zip(original, back, strict=True):
-            assert a.equals(b) and a.extra == b.extra and a.model == b.model, m
+        with report_failure(seed, i, m):
+            try:
+                back = load_file(p)
+            except TraceFileError:
+                continue
+            assert len(back) == len(original)
+            for a, b in zip(original, back, strict=True):
+                assert a.equals(b) and a.extra == b.extra and a.model == b.model
         same += 1
     assert same < n
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +23,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+# how long a rank whose failure rank 0 reports waits for rank 0 to report it (it is stopped then)
+QUIET_RANK_GRACE_S = 10.0
 
 
 class Device(str, Enum):
@@ -93,6 +96,7 @@ def _resolve_dtype(dtype: DType, device: str) -> Any:
 
 @app.command()
 def capture(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="builtin:tiny-qwen3-moe or a local transformers "
                                             "model folder.")],
     prompts: Annotated[Path, typer.Option(help="Prompts: text lines, JSONL, or token ids.")],
@@ -163,7 +167,7 @@ def capture(
             raise fail(str(e.strerror)) from None
         except OSError as e:
             raise fail(describe_os_error(e, f"--out {out_dir}")) from None
-        raise typer.Exit(_launch(nproc, nnodes=nnodes, node_rank=node_rank,
+        raise typer.Exit(_launch(ctx.params, nproc, nnodes=nnodes, node_rank=node_rank,
                                  endpoint=rdzv_endpoint, run_id=rdzv_id))
     from .capture_job import CaptureJob, QuietJobError, run_capture_job
     from .files import TraceFileError
@@ -186,7 +190,10 @@ def capture(
             task = progress.add_task("capture", total=len(items))
             result = run_capture_job(job, advance=lambda n: progress.advance(task, n))
     except QuietJobError:
-        raise typer.Exit(2) from None  # rank 0 reports it
+        # rank 0 reports it: leave after it (the launcher stops the other ranks as soon as one
+        # exits with an error, and would stop rank 0 before it has said why)
+        time.sleep(QUIET_RANK_GRACE_S)
+        raise typer.Exit(2) from None
     except (JobError, UnsupportedModelError, TraceFileError) as e:
         raise fail(str(e)) from None
     if result.rank != 0:
@@ -203,13 +210,13 @@ def capture(
               f"manifest.json and summary.json to {out_dir}", markup=False)
 
 
-def _launch(nproc: int, *, nnodes: int, node_rank: int | None, endpoint: str | None,
+def _launch(params: dict, nproc: int, *, nnodes: int, node_rank: int | None, endpoint: str | None,
             run_id: str | None) -> int:
     """Re-run this command as ``nproc`` ranks on this node through torch's launcher."""
-    from .launch import LaunchError, Rendezvous, launch, main_module_argv
+    from .launch import LaunchError, Rendezvous, cli_rank, launch
 
-    try:
-        failed = launch(main_module_argv(sys.argv[1:]), nproc,
+    try:  # each rank runs this command's function with the values parsed here
+        failed = launch(cli_rank, nproc, args=("capture", params),
                         rdzv=Rendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=endpoint,
                                         run_id=run_id))
     except LaunchError as e:

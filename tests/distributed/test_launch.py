@@ -18,10 +18,13 @@ import pytest
 from routecap.files import open_traces
 
 ROOT = Path(__file__).resolve().parents[2]
-# launches per --nproc in the slow part: 3 keeps `make test` within its 15 minutes on 2 cores (each
-# launch is ~25-35 s of CPU, mostly torch imports in every rank); the soak stage of .ci/run
-# (ROUTECAP_SOAK=1) runs 20 of each
-RUNS = int(os.environ.get("ROUTECAP_NPROC_RUNS", "3"))
+# launches per --nproc in the slow part. Two of them start `routecap` as a user does (a fresh
+# interpreter that starts torch's launcher, whose fork server imports torch and transformers once
+# for all ranks); the others call the same CLI from this process, whose fork server then serves
+# every launch (each rank is still a fresh process, forked from it): a launch then costs what its
+# ranks do, not their imports, and 20 of each fit the suite's budget.
+RUNS = int(os.environ.get("ROUTECAP_NPROC_RUNS", "20"))
+FRESH = 2
 # as cheap as a real run gets: the tiny model, one short prompt per rank, one new token
 ARGS = ["capture", "--model", "builtin:tiny-qwen3-moe", "--max-new-tokens", "1",
         "--batch-size", "1"]
@@ -32,12 +35,16 @@ def _capture(*args):
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
-def _one_process(tmp_path, prompts):
+def _capture_here(*args):
     from typer.testing import CliRunner
 
     from routecap.cli import app
 
-    r = CliRunner().invoke(app, [*ARGS, "--prompts", str(prompts), "--out", str(tmp_path / "one")])
+    return CliRunner().invoke(app, [*ARGS, *map(str, args)])
+
+
+def _one_process(tmp_path, prompts):
+    r = _capture_here("--prompts", prompts, "--out", tmp_path / "one")
     assert r.exit_code == 0, r.stderr
     return {t.request_id: t for t in open_traces(tmp_path / "one")}
 
@@ -63,14 +70,19 @@ def test_nproc_runs_many_times_and_equals_one_process(tmp_path, nproc):
     t0 = time.monotonic()
     for i in range(RUNS):
         out = tmp_path / f"dp{i}"
-        r = _capture("--prompts", prompts, "--out", out, "--nproc", nproc)
-        assert r.returncode == 0, f"run {i}: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr}"
-        assert "terminate called" not in r.stderr and "Traceback" not in r.stderr, r.stderr
-        assert r.stdout.count(f"wrote {nproc} traces") == 1  # rank 0 reports
+        if i < FRESH:
+            r = _capture("--prompts", prompts, "--out", out, "--nproc", nproc)
+            assert r.returncode == 0, f"run {i}: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr}"
+            assert "terminate called" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+            assert r.stdout.count(f"wrote {nproc} traces") == 1  # rank 0 reports
+        else:
+            r = _capture_here("--prompts", prompts, "--out", out, "--nproc", nproc)
+            assert r.exit_code == 0, f"run {i}: exit {r.exit_code}\n{r.output[-2000:]}"
         _equal_to_one(out, one, nproc)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    print(f"\n--nproc {nproc} x {RUNS}: {time.monotonic() - t0:.0f} s wall, {cpu:.0f} s CPU")
+    print(f"\n--nproc {nproc} x {RUNS}: {time.monotonic() - t0:.0f} s wall, {cpu:.0f} s CPU "
+          "(of the fresh runs' processes)")
 
 
 @pytest.mark.distributed
@@ -110,3 +122,27 @@ def test_no_process_group_thread_outlives_the_capture(tmp_path, dispatch):
     for o in outs:
         assert "threads after the job" in o.stdout, o.stdout
     assert sorted(open_traces(tmp_path / "o").request_ids()) == ["0", "1", "2"]
+
+
+def _exit_on_rank(bad_rank: int, code: int) -> None:
+    if int(os.environ["RANK"]) == bad_rank:
+        sys.exit(code)
+
+
+@pytest.mark.distributed
+def test_a_failed_function_rank_is_reported_with_its_exit_code():
+    from routecap.launch import launch
+
+    assert launch(_exit_on_rank, 2, args=(5, 3)) == {}  # no such rank: every rank exits 0
+    assert launch(_exit_on_rank, 2, args=(1, 3)) == {1: 3}
+
+
+@pytest.mark.distributed
+def test_a_failed_rank_of_a_capture_exits_2_with_one_line(tmp_path, monkeypatch):
+    """The rank says what went wrong in one line; the launching command then exits 2 too."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    r = _capture("--prompts", prompts, "--out", tmp_path / "o", "--nproc", "2",
+                 "--model", tmp_path / "no-such-model")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "no-such-model" in r.stderr, r.stderr
