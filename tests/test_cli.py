@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from test_tracefolder import fail_at_shard
+
 from routecap.files import open_traces
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,22 +289,10 @@ def test_out_under_a_file_and_a_missing_parent(tmp_path, prompts6):
 def test_full_or_read_only_disk_mid_overwrite(tmp_path, prompts6, monkeypatch, err_no, text):
     """ENOSPC / EROFS at the second shard of an overwrite: one line, exit 2, the old capture
     exactly as it was (the old one used to be deleted before the new run started)."""
-    from routecap import tracefolder
-
     out = tmp_path / "o"
     assert cli("capture", *TINY, "--prompts", prompts6, "--out", out).exit_code == 0
     before = snapshot(out)
-    real = tracefolder._atomic_write
-    shards = []
-
-    def failing(path, data):
-        if path.name.endswith(".safetensors"):
-            shards.append(path.name)
-            if len(shards) == 2:
-                raise OSError(err_no, os.strerror(err_no), str(path))
-        return real(path, data)
-
-    monkeypatch.setattr(tracefolder, "_atomic_write", failing)
+    fail_at_shard(monkeypatch, 2, err_no)
     r = cli("capture", *TINY, "--prompts", prompts6, "--out", out, "--overwrite", "--seed", "5")
     one_line_error(r, text)
     assert snapshot(out) == before
@@ -312,25 +302,13 @@ def test_a_killed_capture_resumes_to_the_same_folder(tmp_path, prompts6, monkeyp
     """A capture that dies (here: the disk fills at its third shard) keeps what it finished;
     `show` says it is unfinished; `--resume` finishes it and the result equals a run that was
     never interrupted, cell by cell."""
-    from routecap import tracefolder
-
     whole = tmp_path / "whole"
     assert cli("capture", *TINY, "--prompts", prompts6, "--out", whole).exit_code == 0
     out = tmp_path / "o"
-    real = tracefolder._atomic_write
-    shards = []
-
-    def failing(path, data):
-        if path.name.endswith(".safetensors"):
-            shards.append(path.name)
-            if len(shards) == 3:
-                raise OSError(28, "No space left on device", str(path))
-        return real(path, data)
-
-    monkeypatch.setattr(tracefolder, "_atomic_write", failing)
+    fail_at_shard(monkeypatch, 3)
     one_line_error(cli("capture", *TINY, "--prompts", prompts6, "--out", out),
                    "no space left on the device")
-    monkeypatch.setattr(tracefolder, "_atomic_write", real)
+    monkeypatch.undo()
     r = cli("show", out, "--json")
     assert r.exit_code == 0, r.stderr
     shown = json.loads(r.stdout)

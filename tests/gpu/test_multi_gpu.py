@@ -25,7 +25,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from distributed.launch import run_ranks  # noqa: E402
+from distributed.launch import NCCL_ENV, run_ranks, transformers_has_ep  # noqa: E402
 from test_hf import MARGIN_TOL, _flips, _reference_routes  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
@@ -34,20 +34,8 @@ from routecap.integrations.hf import find_moe_routers  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 WORKER = HERE.parent / "distributed" / "worker.py"
-ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-       "NVSHMEM_DISABLE_NVLS": "1"}
 SCENARIOS = [("gathered", [3, 0]), ("gathered", [1, 4]), ("gathered_padded", [2, 3]),
              ("local", [3, 0]), ("local", [2, 1])]
-
-
-def _transformers_has_ep() -> bool:
-    try:
-        from transformers.distributed import DistributedConfig
-
-        DistributedConfig(fsdp_size=2, ep_size=2, ep_implementation="all_to_all")
-        return True
-    except Exception:  # noqa: BLE001
-        return False
 
 
 @pytest.mark.parametrize("layout,counts", SCENARIOS,
@@ -56,11 +44,11 @@ def test_two_gpus_equal_one_gpu(tmp_path, layout, counts):
     args = ["--layout", layout, "--out", str(tmp_path), "--counts", ",".join(map(str, counts)),
             "--device", "cuda"]
     if layout == "local":
-        if not _transformers_has_ep():
+        if not transformers_has_ep():
             pytest.skip("this transformers has no all-to-all expert parallelism")
         tiny_model("qwen3_moe", seed=0).save_pretrained(tmp_path / "model")
         args += ["--ep-model", str(tmp_path / "model")]
-    run_ranks(WORKER, args, 2, env=ENV, timeout=600)
+    run_ranks(WORKER, args, 2, env=NCCL_ENV, timeout=600)
     model = tiny_model("qwen3_moe", seed=0).cuda()
     info = find_moe_routers(model)
     got = {}
