@@ -65,3 +65,35 @@ def test_two_gpus_equal_one_gpu(tmp_path, layout, counts):
         assert (margins[bad] < MARGIN_TOL).all(), (t.request_id, np.argwhere(bad).tolist())
         flips += int(bad.sum())
     print(f"{layout} {counts}: {len(got)} requests, {flips} near-tie flips")
+
+
+def test_cli_nproc_2_on_two_gpus_equals_one_gpu(tmp_path):
+    """`routecap capture --nproc 2 --device cuda`: ranks forked from the launcher's fork server
+    (which imported torch but never touched CUDA) each drive their own GPU; the traces equal one
+    GPU's but for float ties the batch composition may flip."""
+    import os
+    import subprocess
+
+    from routecap.files import open_traces
+
+    root = HERE.parents[1]
+    args = [sys.executable, "-m", "routecap", "capture", "--model", "builtin:tiny-qwen3-moe",
+            "--prompts", "examples/prompts.txt", "--max-new-tokens", "4", "--batch-size", "4",
+            "--device", "cuda", "--dtype", "float32"]
+    env = dict(os.environ, **NCCL_ENV)
+    for name, extra in (("one", []), ("two", ["--nproc", "2"])):
+        r = subprocess.run([*args, "--out", str(tmp_path / name), *extra], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    one = {t.request_id: t for t in open_traces(tmp_path / "one")}
+    two = open_traces(tmp_path / "two")
+    assert two.complete and sorted(two.request_ids()) == sorted(one)
+    same = cells = 0
+    for t in two:
+        o = one[t.request_id]
+        assert t.num_tokens == o.num_tokens and t.prompt_len == o.prompt_len
+        assert t.missing is None
+        a, b = np.sort(t.expert_ids, -1), np.sort(o.expert_ids, -1)
+        same += int((a == b).all(-1).sum())
+        cells += a.shape[0] * a.shape[1]
+    assert same / cells >= 0.99, f"{same}/{cells} cells equal"
