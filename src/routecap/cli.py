@@ -100,7 +100,6 @@ def _resolve_dtype(dtype: DType, device: str) -> Any:
 
 @app.command()
 def capture(
-    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="builtin:tiny-qwen3-moe or a local transformers "
                                             "model folder.")],
     prompts: Annotated[Path, typer.Option(help="Prompts: text lines, JSONL, or token ids.")],
@@ -149,6 +148,9 @@ def capture(
                                                 "with --nnodes > 1).")] = None,
 ) -> None:
     """Capture the routes of every prompt and write one trace per request plus a summary."""
+    # the converted arguments, for the ranks of --nproc (click's ctx.params holds the raw strings
+    # of enum options under some typer versions)
+    params = dict(locals())
     from .capture_checks import JobError, check_sampling
     from .folderlock import FolderLockedError, describe_os_error, probe
     from .prompts import PromptFileError, read_prompts
@@ -171,7 +173,7 @@ def capture(
             raise fail(str(e.strerror)) from None
         except OSError as e:
             raise fail(describe_os_error(e, f"--out {out_dir}")) from None
-        raise typer.Exit(_launch(ctx.params, nproc, nnodes=nnodes, node_rank=node_rank,
+        raise typer.Exit(_launch(params, nproc, nnodes=nnodes, node_rank=node_rank,
                                  endpoint=rdzv_endpoint, run_id=rdzv_id))
     from .capture_job import CaptureJob, QuietJobError, run_capture_job
     from .files import TraceFileError
@@ -227,9 +229,12 @@ def _launch(params: dict, nproc: int, *, nnodes: int, node_rank: int | None, end
         raise fail(str(e)) from None
     if not failed:
         return 0
-    codes = dict(sorted(failed.items()))
-    if any(c != 2 for c in codes.values()):  # 2: a rank already printed its one-line error
-        fail(f"ranks exited with codes {codes}")
+    codes = {rank: f.exitcode for rank, f in sorted(failed.items())}
+    unexpected = [(rank, f) for rank, f in sorted(failed.items()) if f.exitcode != 2]
+    if unexpected:  # 2: a rank already printed its one-line error
+        rank, f = unexpected[0]
+        fail(f"rank {rank} failed (exit code {f.exitcode}): {f.message}"
+             + (f"; ranks exited with codes {codes}" if len(codes) > 1 else ""))
     if 2 in codes.values():
         return 2
     return next((c for c in codes.values() if c > 0), 1)
