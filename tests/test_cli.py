@@ -146,11 +146,11 @@ def test_capture_data_parallel_matches_single_process(tmp_path, dispatch):
 
     args = ["capture", "--model", "builtin:tiny-qwen3-moe", "--prompts", "examples/prompts.txt",
             "--max-new-tokens", "4", "--batch-size", "4"]
-    r = run(*args, "--out", str(tmp_path / "one"))
-    assert r.returncode == 0, r.stderr
-    r = run(*args, "--out", str(tmp_path / "dp"), "--nproc", "2", "--dispatch", dispatch)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("wrote 12 traces") == 1  # rank 0 reports
+    # in this process (its launcher's fork server serves every launch of the session); a fresh
+    # `routecap --nproc` process is tests/distributed/test_launch.py's
+    assert cli(*args, "--out", tmp_path / "one").exit_code == 0
+    r = cli(*args, "--out", tmp_path / "dp", "--nproc", "2", "--dispatch", dispatch)
+    assert r.exit_code == 0, r.output
     one = {t.request_id: t for t in open_traces(tmp_path / "one")}
     dp = open_traces(tmp_path / "dp")
     run_id = dp.run_id
@@ -426,13 +426,26 @@ def test_convert_into_its_source_is_refused(tmp_path, prompts6):
 
 
 @pytest.mark.slow
+def _capture_quietly(argv):
+    """``routecap ARGV`` in this (forked) process, its output dropped."""
+    from routecap.cli import app
+
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+    app(args=argv)
+
+
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
     """A capture SIGKILLed ten times at random moments (while shards, journals, the manifest and
     summary are being written), each time restarted with --resume: every intermediate folder
     reads back only right traces, and the finished one equals a run never interrupted."""
+    import multiprocessing
     import random
     import signal
     import time
+
+    from routecap.launch import PRELOAD
 
     n = 16
     prompts = tmp_path / "p.txt"
@@ -452,17 +465,21 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
         except Exception:  # noqa: BLE001 -- not created yet, or between two renames
             return -1
 
+    # each capture is a process of its own, forked from a server that imported routecap, torch
+    # and transformers once (not a fresh interpreter each time: the kills land in the capture,
+    # not in its imports)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
     for target in targets:
-        p = subprocess.Popen([sys.executable, "-m", "routecap", *args, "--out", str(out),
-                              "--resume"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-        while p.poll() is None and written() < target:
+        p = ctx.Process(target=_capture_quietly, args=([*args, "--out", str(out), "--resume"],))
+        p.start()
+        while p.is_alive() and written() < target:
             time.sleep(0.005)
         time.sleep(rng.uniform(0, 0.05))  # anywhere within the next shard's write
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGKILL)
             kills += 1
-        p.wait()
+        p.join()
         if out.exists() and any(out.glob("*.json")):
             for t in open_traces(out):  # what survived is right, or not there
                 assert t.equals(whole[t.request_id]), t.request_id
