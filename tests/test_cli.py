@@ -121,9 +121,9 @@ def test_wrong_arguments_get_clear_errors(tmp_path, args, text):
 
 def test_show_corrupt_and_unknown_request(tmp_path):
     out = tmp_path / "d"
-    r = run("capture", "--model", "builtin:tiny-qwen3-moe", "--prompts", "examples/prompts.txt",
-            "--max-new-tokens", "2", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    r = cli("capture", "--model", "builtin:tiny-qwen3-moe", "--prompts", "examples/prompts.txt",
+            "--max-new-tokens", "2", "--out", out)
+    assert r.exit_code == 0, r.output
     r = run("show", str(out), "--request", "nope")
     assert r.returncode == 2 and "request 'nope' is not in these traces" in r.stderr
     (shard,) = out.glob("traces-*-00000.safetensors")
@@ -181,8 +181,8 @@ def test_doctor_reports_versions_and_the_vllm_fix():
 
 def test_convert_cli(tmp_path):
     out = tmp_path / "d"
-    assert run("capture", "--model", "builtin:tiny-qwen3-moe", "--prompts", "examples/prompts.txt",
-               "--max-new-tokens", "2", "--out", str(out)).returncode == 0
+    assert cli("capture", "--model", "builtin:tiny-qwen3-moe", "--prompts", "examples/prompts.txt",
+               "--max-new-tokens", "2", "--out", out).exit_code == 0
     shape = ["--num-layers", "4", "--moe-layers", "1,2,3", "--num-experts", "16", "--top-k", "4"]
     r = run("convert", str(out), str(tmp_path / "s.jsonl"), "--to", "sglang", *shape)
     assert r.returncode == 0 and "converted 12 traces" in r.stdout, r.stderr
