@@ -16,15 +16,20 @@ Formats:
 * SGLang: base64 of int32 ``[T, L, K]`` (``meta_info["routed_experts"]``);
 * vLLM OpenAI: base64 of an ``.npy`` file of int32 ``[T, L, K]``;
 * raw uint8 ``[T, L, K]``; raw uint8 + zstd (level 3);
-* routecap's codec (``routecap.codec``), order-preserving and set mode.
+* routecap's codec (``routecap.codec``): order-preserving, set mode, and entropy mode (rows as
+  sets: per block and layer the experts ranked by popularity, each row's ascending ranks coded
+  as gaps with per-(layer, position) frequency tables and rANS).
 
 Throughput is MB/s of raw uint8 equivalent (T * L * K bytes), median of repeats, measured in one
-run. Sizes are also given in bits per row (one row: the K ids of one token at one layer) next to
+run (wall time; blocks of 16384 tokens decode on several threads); set and entropy mode are then
+timed again interleaved, in CPU time, which a busy shared machine disturbs less. Sizes are also
+given in bits per row (one row: the K ids of one token at one layer) next to
 the entropy of the routes actually observed: the uniform bound log2 C(E, K) (what set mode's
 fixed-width ranks reach) and the per-layer order-0 bound, the code length of an ideal coder that
 knows each layer's expert frequencies (the maximum-entropy distribution over K-subsets with the
 observed per-expert frequencies, fitted per layer). The gap between the two is what an entropy
-coder adapting to each layer's frequencies could save over set mode at best.
+coder adapting to each layer's frequencies saves over set mode; the entropy mode's line shows
+how much of it the shipped coder gets.
 
 Run: python benchmarks/codec_formats.py [--repeats 5] [--tokens 32768] [--source both]
 """
@@ -230,6 +235,10 @@ def run_shape(trace: RoutingTrace, source: str, repeats: int) -> None:
          lambda: codec.encode(srt, mode="set"), codec.decode),
         ("  (packed only, no fallback)",
          lambda: codec.encode(srt, mode="set", fallback=False), codec.decode),
+        ("routecap codec, entropy mode",
+         lambda: codec.encode(srt, mode="entropy"), codec.decode),
+        ("  (entropy, no fallback)",
+         lambda: codec.encode(srt, mode="entropy", fallback=False), codec.decode),
     ]
     st = observed_entropy(trace)
     print(f"\n[{source}] {tokens} tokens, {L} MoE layers, top-{K} of {E} experts: raw uint8 = "
@@ -264,9 +273,41 @@ def run_shape(trace: RoutingTrace, source: str, repeats: int) -> None:
                       f"{bound:.2f} (+{100 * (bits / bound - 1):.1f}%) = "
                       f"{packed / raw_bytes:.3f}x raw; blocks "
                       f"{sorted({b[1] for b in r['blocks']})}")
+            elif mode == "entropy":
+                bits = 8 * size / rows
+                print(f"{'':<28}   entropy rows, tables included: {bits:.2f} bits/row vs the "
+                      f"per-layer order-0 bound {st['order0']:.2f} "
+                      f"({100 * (bits / st['order0'] - 1):+.1f}%) and the uniform bound "
+                      f"{st['uniform']:.2f}; blocks {sorted({b[1] for b in r['blocks']})}; "
+                      f"{'<=' if size <= zstd_raw else '>'} raw+zstd")
             else:
                 print(f"{'':<28}   stored as raw ids + zstd, {r['layout']}-major (smaller "
                       f"than the packed rows here); {'<=' if size <= zstd_raw else '>'} raw+zstd")
+
+
+def set_vs_entropy(trace: RoutingTrace, repeats: int) -> None:
+    """Decode and encode of set and entropy mode (no fallback), interleaved call by call and
+    timed in CPU seconds of this process, so that other jobs on a shared machine weigh less."""
+    srt = trace.with_sorted_topk()
+    raw = trace.expert_ids.nbytes
+    blobs = {m: codec.encode(srt, mode=m, fallback=False) for m in ("set", "entropy")}
+    enc = {m: [] for m in blobs}
+    dec = {m: [] for m in blobs}
+    for _ in range(repeats):
+        for m, blob in blobs.items():
+            t0 = time.process_time()
+            codec.encode(srt, mode=m, fallback=False)
+            enc[m].append(time.process_time() - t0)
+            t0 = time.process_time()
+            codec.decode(blob)
+            dec[m].append(time.process_time() - t0)
+    rate = {m: (raw / statistics.median(enc[m]) / 1e6, raw / statistics.median(dec[m]) / 1e6)
+            for m in blobs}
+    print(f"  set vs entropy, interleaved, CPU time: decode {rate['set'][1]:.0f} vs "
+          f"{rate['entropy'][1]:.0f} MB/s (entropy/set {rate['entropy'][1] / rate['set'][1]:.2f}),"
+          f" encode {rate['set'][0]:.0f} vs {rate['entropy'][0]:.0f} MB/s (entropy/set "
+          f"{rate['entropy'][0] / rate['set'][0]:.2f}); bytes entropy/set "
+          f"{len(blobs['entropy']) / len(blobs['set']):.3f}")
 
 
 def main() -> None:
@@ -278,10 +319,11 @@ def main() -> None:
     codec.decode(codec.encode(RoutingTrace.from_ids(np.zeros((1, 1, 1), np.int64), num_experts=2,
                                                     moe_layers=[0], request_id="w", prompt_len=1)))
     for shape in ((48, 128, 8), (58, 256, 8)):
-        if args.source in ("captured", "both"):
-            run_shape(captured_trace(*shape, args.tokens), "captured", args.repeats)
-        if args.source in ("realistic", "both"):
-            run_shape(realistic_trace(*shape, args.tokens), "realistic", args.repeats)
+        for source, make in (("captured", captured_trace), ("realistic", realistic_trace)):
+            if args.source in (source, "both"):
+                trace = make(*shape, args.tokens)
+                run_shape(trace, source, args.repeats)
+                set_vs_entropy(trace, args.repeats)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from test_tracefolder import fail_at_shard
+
 from routecap.files import open_traces
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,9 +121,9 @@ def test_wrong_arguments_get_clear_errors(tmp_path, args, text):
 
 def test_show_corrupt_and_unknown_request(tmp_path):
     out = tmp_path / "d"
-    r = run("capture", "--model", "builtin:tiny-qwen3-moe", "--prompts", "examples/prompts.txt",
-            "--max-new-tokens", "2", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    r = cli("capture", "--model", "builtin:tiny-qwen3-moe", "--prompts", "examples/prompts.txt",
+            "--max-new-tokens", "2", "--out", out)
+    assert r.exit_code == 0, r.output
     r = run("show", str(out), "--request", "nope")
     assert r.returncode == 2 and "request 'nope' is not in these traces" in r.stderr
     (shard,) = out.glob("traces-*-00000.safetensors")
@@ -144,11 +146,11 @@ def test_capture_data_parallel_matches_single_process(tmp_path, dispatch):
 
     args = ["capture", "--model", "builtin:tiny-qwen3-moe", "--prompts", "examples/prompts.txt",
             "--max-new-tokens", "4", "--batch-size", "4"]
-    r = run(*args, "--out", str(tmp_path / "one"))
-    assert r.returncode == 0, r.stderr
-    r = run(*args, "--out", str(tmp_path / "dp"), "--nproc", "2", "--dispatch", dispatch)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("wrote 12 traces") == 1  # rank 0 reports
+    # in this process (its launcher's fork server serves every launch of the session); a fresh
+    # `routecap --nproc` process is tests/distributed/test_launch.py's
+    assert cli(*args, "--out", tmp_path / "one").exit_code == 0
+    r = cli(*args, "--out", tmp_path / "dp", "--nproc", "2", "--dispatch", dispatch)
+    assert r.exit_code == 0, r.output
     one = {t.request_id: t for t in open_traces(tmp_path / "one")}
     dp = open_traces(tmp_path / "dp")
     run_id = dp.run_id
@@ -179,8 +181,8 @@ def test_doctor_reports_versions_and_the_vllm_fix():
 
 def test_convert_cli(tmp_path):
     out = tmp_path / "d"
-    assert run("capture", "--model", "builtin:tiny-qwen3-moe", "--prompts", "examples/prompts.txt",
-               "--max-new-tokens", "2", "--out", str(out)).returncode == 0
+    assert cli("capture", "--model", "builtin:tiny-qwen3-moe", "--prompts", "examples/prompts.txt",
+               "--max-new-tokens", "2", "--out", out).exit_code == 0
     shape = ["--num-layers", "4", "--moe-layers", "1,2,3", "--num-experts", "16", "--top-k", "4"]
     r = run("convert", str(out), str(tmp_path / "s.jsonl"), "--to", "sglang", *shape)
     assert r.returncode == 0 and "converted 12 traces" in r.stdout, r.stderr
@@ -287,22 +289,10 @@ def test_out_under_a_file_and_a_missing_parent(tmp_path, prompts6):
 def test_full_or_read_only_disk_mid_overwrite(tmp_path, prompts6, monkeypatch, err_no, text):
     """ENOSPC / EROFS at the second shard of an overwrite: one line, exit 2, the old capture
     exactly as it was (the old one used to be deleted before the new run started)."""
-    from routecap import tracefolder
-
     out = tmp_path / "o"
     assert cli("capture", *TINY, "--prompts", prompts6, "--out", out).exit_code == 0
     before = snapshot(out)
-    real = tracefolder._atomic_write
-    shards = []
-
-    def failing(path, data):
-        if path.name.endswith(".safetensors"):
-            shards.append(path.name)
-            if len(shards) == 2:
-                raise OSError(err_no, os.strerror(err_no), str(path))
-        return real(path, data)
-
-    monkeypatch.setattr(tracefolder, "_atomic_write", failing)
+    fail_at_shard(monkeypatch, 2, err_no)
     r = cli("capture", *TINY, "--prompts", prompts6, "--out", out, "--overwrite", "--seed", "5")
     one_line_error(r, text)
     assert snapshot(out) == before
@@ -312,25 +302,13 @@ def test_a_killed_capture_resumes_to_the_same_folder(tmp_path, prompts6, monkeyp
     """A capture that dies (here: the disk fills at its third shard) keeps what it finished;
     `show` says it is unfinished; `--resume` finishes it and the result equals a run that was
     never interrupted, cell by cell."""
-    from routecap import tracefolder
-
     whole = tmp_path / "whole"
     assert cli("capture", *TINY, "--prompts", prompts6, "--out", whole).exit_code == 0
     out = tmp_path / "o"
-    real = tracefolder._atomic_write
-    shards = []
-
-    def failing(path, data):
-        if path.name.endswith(".safetensors"):
-            shards.append(path.name)
-            if len(shards) == 3:
-                raise OSError(28, "No space left on device", str(path))
-        return real(path, data)
-
-    monkeypatch.setattr(tracefolder, "_atomic_write", failing)
+    fail_at_shard(monkeypatch, 3)
     one_line_error(cli("capture", *TINY, "--prompts", prompts6, "--out", out),
                    "no space left on the device")
-    monkeypatch.setattr(tracefolder, "_atomic_write", real)
+    monkeypatch.undo()
     r = cli("show", out, "--json")
     assert r.exit_code == 0, r.stderr
     shown = json.loads(r.stdout)
@@ -448,13 +426,26 @@ def test_convert_into_its_source_is_refused(tmp_path, prompts6):
 
 
 @pytest.mark.slow
+def _capture_quietly(argv):
+    """``routecap ARGV`` in this (forked) process, its output dropped."""
+    from routecap.cli import app
+
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+    app(args=argv)
+
+
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
     """A capture SIGKILLed ten times at random moments (while shards, journals, the manifest and
     summary are being written), each time restarted with --resume: every intermediate folder
     reads back only right traces, and the finished one equals a run never interrupted."""
+    import multiprocessing
     import random
     import signal
     import time
+
+    from routecap.launch import PRELOAD
 
     n = 16
     prompts = tmp_path / "p.txt"
@@ -474,17 +465,21 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
         except Exception:  # noqa: BLE001 -- not created yet, or between two renames
             return -1
 
+    # each capture is a process of its own, forked from a server that imported routecap, torch
+    # and transformers once (not a fresh interpreter each time: the kills land in the capture,
+    # not in its imports)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
     for target in targets:
-        p = subprocess.Popen([sys.executable, "-m", "routecap", *args, "--out", str(out),
-                              "--resume"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-        while p.poll() is None and written() < target:
+        p = ctx.Process(target=_capture_quietly, args=([*args, "--out", str(out), "--resume"],))
+        p.start()
+        while p.is_alive() and written() < target:
             time.sleep(0.005)
         time.sleep(rng.uniform(0, 0.05))  # anywhere within the next shard's write
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGKILL)
             kills += 1
-        p.wait()
+        p.join()
         if out.exists() and any(out.glob("*.json")):
             for t in open_traces(out):  # what survived is right, or not there
                 assert t.equals(whole[t.request_id]), t.request_id
@@ -492,3 +487,33 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     assert r.returncode == 0, r.stderr
     assert kills >= 10
     assert_same_traces(out, tmp_path / "whole")
+
+
+def test_convert_wire_mode_entropy(tmp_path):
+    """`convert --to wire --wire-mode entropy` writes set-mode rows (order dropped) that read back."""
+    import base64
+
+    import numpy as np
+
+    from routecap import codec
+    from routecap.files import TraceWriter
+    from routecap.trace import RoutingTrace
+
+    rng = np.random.default_rng(0)
+    # skewed routes: each row is 4 of experts 0-5 (of 16), in a random order
+    ids = np.argsort(rng.random((400 * 2, 16)) - (np.arange(16) < 6), axis=1)[:, :4]
+    ids = ids.reshape(400, 2, 4)
+    t = RoutingTrace.from_ids(ids, num_experts=16, moe_layers=[1, 2], request_id="a",
+                              prompt_len=400)
+    with TraceWriter(tmp_path / "d") as w:
+        w.append(t)
+    r = cli("convert", tmp_path / "d", tmp_path / "w.jsonl", "--to", "wire", "--wire-mode",
+            "entropy")
+    assert r.exit_code == 0, r.stderr
+    (rec,) = [json.loads(x) for x in (tmp_path / "w.jsonl").read_text().splitlines()]
+    blob = base64.b64decode(rec["routecap"])
+    assert codec.inspect(blob)["routes"]["mode"] == "entropy"
+    assert codec.decode(blob).equals(t.with_sorted_topk())
+    r = cli("convert", tmp_path / "d", tmp_path / "s.jsonl", "--to", "sglang", "--wire-mode",
+            "set", "--num-layers", "3", "--moe-layers", "1,2", "--num-experts", "16", "--top-k", "4")
+    one_line_error(r, "applies to wire output only, not sglang")

@@ -95,8 +95,8 @@ def test_packed_rows_within_three_percent_of_the_bound(E, K, limit):
 @pytest.mark.parametrize("E,K", [(128, 8), (256, 8), (16, 2)])
 def test_never_larger_than_raw_plus_zstd(E, K, repeat):
     t = make(300, 6, K, E, repeat=repeat, tokens=False, seed=7)
-    for tr, mode in ((t, "order"), (t.with_sorted_topk(), "set")):
-        # raw ids of the trace being encoded (sorted in set mode) + zstd
+    for tr, mode in ((t, "order"), (t.with_sorted_topk(), "set"), (t.with_sorted_topk(), "entropy")):
+        # raw ids of the trace being encoded (sorted in the set modes) + zstd
         baseline = len(zstandard.ZstdCompressor(level=3).compress(tr.expert_ids.tobytes()))
         h = inspect(blob := encode(tr, mode=mode))
         routes = next(s for s in h["sections"] if s["name"] == "routes")
@@ -196,6 +196,7 @@ def _seeds():
         t = make(T, L, K, E, missing=0.2 if i % 2 else 0.0, seed=i, tokens=i % 3 != 0)
         out.append(encode(t, mode="order", fallback=False, block_tokens=5))
         out.append(encode(t.with_sorted_topk(), mode="set", block_tokens=5))
+        out.append(encode(t.with_sorted_topk(), mode="entropy", fallback=False, block_tokens=5))
         out.append(encode(t, mode="ids", fallback=False))
         out.append(encode(t, mode="raw"))
     return out
@@ -233,7 +234,8 @@ def _mutate(rng, data: bytes, seeds) -> bytes:
         vals = [0, 1, 2, 3, 7, 255, 256, 65536, 2**31, -1, None, "x", [], [0, 0], {}, 1.5,
                 True, [1, 2, 3]]
         if key == "routes" and isinstance(h.get("routes"), dict):
-            sub = ["mode", "widths", "layout", "block_tokens", "blocks"][int(rng.integers(5))]
+            sub = ["mode", "widths", "layout", "block_tokens", "blocks",
+                   "payload_bytes"][int(rng.integers(6))]
             h["routes"][sub] = vals[int(rng.integers(len(vals)))]
         else:
             h[key] = vals[int(rng.integers(len(vals)))]

@@ -32,30 +32,33 @@ needs_numba = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not in
 # comb[K, E] from a placeholder table of 2 columns: at random, a segfault without the checks).
 _DECODE_VALID = textwrap.dedent("""
     import numba, numpy as np
-    from routecap.codec import decode, encode
+    from routecap.codec import decode, encode, inspect as codec_inspect
     from routecap.trace import RoutingTrace
     assert numba.config.BOUNDSCHECK, "NUMBA_BOUNDSCHECK was not picked up"
     rng = np.random.default_rng(0)
     cases = [(16, 4, "ids"), (300, 6, "ids"), (65536, 8, "ids"), (256, 8, "ids"), (2, 1, "ids"),
              (16, 4, "set"), (128, 8, "set"), (300, 6, "order"), (40, 10, "order"),
-             (256, 8, "raw"), (65536, 3, "set")]
+             (256, 8, "raw"), (65536, 3, "set"), (128, 8, "entropy"), (300, 6, "entropy"),
+             (2, 1, "entropy")]
     for E, K, mode in cases:
         T, L = 23, 3
         ids = np.array([rng.permutation(E)[:K] for _ in range(T * L)]).reshape(T, L, K)
         miss = rng.random((T, L)) < 0.2
         t = RoutingTrace.from_ids(ids, num_experts=E, moe_layers=[0, 1, 2], request_id="r",
                                   prompt_len=T, missing=miss)
-        if mode == "set":
+        if mode in ("set", "entropy"):
             t = t.with_sorted_topk()
         for block in (5, 16384):
             back = decode(encode(t, mode=mode, fallback=False, block_tokens=block))
             assert back.equals(t), (E, K, mode, block)
+            assert codec_inspect(encode(t, mode=mode, fallback=False))["routes"]["mode"] == mode
     print("decoded", len(cases), "cases")
 """)
 
 
 def test_valid_encodings_decode_under_boundscheck(request):
-    """Every mode, ids included, decodes valid encodings with numba's bounds checks on."""
+    """Every mode, ids and entropy included, decodes valid encodings with numba's bounds checks
+    on."""
     if not kernels.HAVE_NUMBA:
         pytest.skip("numba is not installed")
     cache = Path(request.config.cache.mkdir("numba-boundscheck"))  # kept between runs
@@ -65,7 +68,7 @@ def test_valid_encodings_decode_under_boundscheck(request):
     p = subprocess.run([sys.executable, "-c", _DECODE_VALID], env=env, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "decoded 11 cases" in p.stdout
+    assert "decoded 14 cases" in p.stdout
 
 
 def test_boundscheck_is_on_when_asked():

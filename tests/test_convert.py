@@ -196,3 +196,37 @@ def test_zero_token_records_round_trip(tmp_path):
                    dst_format="vllm", shape=SHAPE) == 1
     (back,) = list(read_records(tmp_path / "back.jsonl", "vllm", SHAPE))
     assert back.num_tokens == 0
+
+
+@pytest.mark.parametrize("mode", ["entropy", "set", "order"])
+def test_wire_mode_picks_the_codec_mode(tmp_path, folder, mode):
+    import base64
+
+    from routecap import codec
+
+    mid = tmp_path / "x.jsonl"
+    assert convert(folder, mid, src_format="trace", dst_format="wire", wire_mode=mode) == 3
+    recs = [json.loads(line) for line in mid.read_text().splitlines()]
+    stored = {codec.inspect(base64.b64decode(r["routecap"]))["routes"]["mode"] for r in recs[:2]}
+    # tiny traces: the codec may keep raw ids + zstd when that is smaller, never another mode
+    assert stored <= {mode, "raw"}, stored
+    for a, b in zip(traces(), read_records(mid, "wire")):
+        want = a.with_sorted_topk() if mode in codec.SET_MODES else a
+        assert np.array_equal(b.to_numpy(), want.to_numpy())
+        assert b.topk_order == want.topk_order
+
+
+def test_wire_mode_applies_to_wire_output_only(tmp_path, folder):
+    with pytest.raises(ConvertError, match="applies to wire output only, not sglang"):
+        convert(folder, tmp_path / "x.jsonl", src_format="trace", dst_format="sglang",
+                shape=SHAPE, wire_mode="entropy")
+    with pytest.raises(ConvertError, match="unknown wire mode 'zip'"):
+        convert(folder, tmp_path / "x.jsonl", src_format="trace", dst_format="wire",
+                wire_mode="zip")
+
+
+def test_the_cli_offers_every_codec_mode():
+    from routecap import codec
+    from routecap.cli import WireMode
+
+    assert tuple(m.value for m in WireMode) == codec.MODES

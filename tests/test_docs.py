@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["routecap.trace", "routecap.capturer", "routecap.store", "routecap.files", "routecap.codec",
+           "routecap.tracefolder.writer",
            "routecap.integrations.hf", "routecap.builtin"]
 
 

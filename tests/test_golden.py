@@ -30,6 +30,8 @@ RECORDS = {
     "wire-v1-raw.rcap": (300, 6, False, 40, dict(mode="raw", block_tokens=16)),
     "wire-v1-order-fallback.rcap": (128, 8, False, 64, dict(mode="order", block_tokens=64)),
     "wire-v1-set-oneframe.rcap": (128, 8, True, 40, dict(mode="set")),
+    "wire-v1-entropy.rcap": (128, 8, True, 40, dict(mode="entropy", fallback=False,
+                                                    block_tokens=16)),
 }
 STORAGE = {  # (mode, layout, block codecs) each record must exercise
     "wire-v1-order.rcap": ("order", "token", {"zstd", "none"}),
@@ -38,6 +40,7 @@ STORAGE = {  # (mode, layout, block codecs) each record must exercise
     "wire-v1-raw.rcap": ("raw", "token", {"zstd"}),
     "wire-v1-order-fallback.rcap": ("raw", "layer", {"zstd"}),
     "wire-v1-set-oneframe.rcap": ("raw", "token", {"zstd"}),
+    "wire-v1-entropy.rcap": ("entropy", "layer", {"zstd", "none"}),
 }
 
 

@@ -146,6 +146,19 @@ def test_no_traces_and_bad_ep_size_get_clear_errors(tmp_path):
     assert r.returncode == 2 and "no such file or folder" in r.stderr
 
 
+def test_report_and_placement_errors_keep_brackets(tmp_path):
+    """Errors print the message verbatim: a path such as "a[b].html" used to lose its "[b]" (read
+    as rich markup) in report and placement, though not in the other commands."""
+    save_file([_random_trace(np.random.default_rng(0), "a", 4)], tmp_path / "t.safetensors")
+    taken = tmp_path / "a[b].html"
+    taken.write_text("x")
+    for cmd in (["report", str(tmp_path / "t.safetensors")],
+                ["placement", str(tmp_path / "t.safetensors"), "--ep-size", "2"]):
+        r = run(*cmd, "--out", str(taken))
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith("error: ") and "a[b].html: exists" in r.stderr, r.stderr
+
+
 # ---- the demo capture, rendered by the command and opened in Chromium ---------------------------
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):

@@ -42,6 +42,25 @@ def rewrite_doc(path, change):
     path.write_text(json.dumps(doc))
 
 
+def fail_at_shard(monkeypatch, n, err_no=28):
+    """Make the ``n``-th shard write from here on raise ``OSError(err_no)`` (28: a full disk,
+    30: a read-only one); ``monkeypatch.undo()`` heals the disk. Returns the shard names tried."""
+    from routecap.tracefolder import writer
+
+    real = writer._atomic_write
+    shards = []
+
+    def failing(path, data):
+        if path.name.endswith(".safetensors"):
+            shards.append(path.name)
+            if len(shards) == n:
+                raise OSError(err_no, os.strerror(err_no), str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(writer, "_atomic_write", failing)
+    return shards
+
+
 def test_writer_shards_by_count_and_bytes(tmp_path):
     ts = [trace(str(i), 10 + i, seed=i) for i in range(7)]
     w = write(tmp_path / "d", ts, max_requests=3)
@@ -162,23 +181,9 @@ def test_a_failed_overwrite_leaves_the_folder_exactly_as_it_was(tmp_path):
 
 
 def test_enospc_mid_overwrite_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
-    import errno
-
-    from routecap import tracefolder
-
     write(tmp_path, [trace(str(i), 4, seed=i) for i in range(3)], max_requests=1)
     before = snapshot(tmp_path)
-    real = tracefolder._atomic_write
-    calls = []
-
-    def full_disk(path, data):
-        calls.append(path.name)
-        if path.name.endswith(".safetensors") and len([c for c in calls if
-                                                        c.endswith(".safetensors")]) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, data)
-
-    monkeypatch.setattr(tracefolder, "_atomic_write", full_disk)
+    fail_at_shard(monkeypatch, 2)
     with pytest.raises(OSError, match="No space left"):
         write(tmp_path, [trace(str(i), 5, seed=9 + i) for i in range(3)], overwrite=True,
               max_requests=1)
@@ -372,3 +377,15 @@ def test_fuzz_folder_bytes_reject_or_read_back_exactly(tmp_path, n):
                 pass
         (d / name).write_bytes(data[name])
     assert same < n
+
+
+@pytest.mark.parametrize("first", ["routecap.tracefolder", "routecap.files"])
+def test_either_module_imports_first(first):
+    """files re-exports the folder API and the folder modules build on files: importing the folder
+    package first in a fresh interpreter used to fail (a circular import)."""
+    code = (f"import {first}; from routecap.files import TraceWriter, open_traces; "
+            "from routecap.tracefolder import FolderRun, TraceSet; "
+            "assert TraceWriter is __import__('routecap.tracefolder').tracefolder.TraceWriter")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.path.join(HERE, "..", "src")})
+    assert r.returncode == 0, r.stderr

@@ -190,19 +190,25 @@ def batch_routes(traces: Sequence[RoutingTrace | None], input_ids_BS: Any,
     return res if device is None else res.to(device)
 
 
-def unbatch_routes(routes_BSLK: Any, attention_mask_BS: Any = None) -> list[np.ndarray]:
-    """The inverse of :func:`batch_routes`: row b's ``[n_b, L, K]`` int64 routes (its valid
-    columns, in order; ``-1`` where missing)."""
-    r = _numpy(routes_BSLK).astype(np.int64, copy=False)
-    if r.ndim != 4:
-        raise AlignError(f"routes: expected [B, S, L, K], got shape {tuple(r.shape)}")
-    B, S = r.shape[:2]
+def _batch_mask(routes: np.ndarray, attention_mask_BS: Any) -> np.ndarray:
+    """The ``[B, S]`` bool mask of a routes batch ``[B, S, L, K]`` (all True when None)."""
+    if routes.ndim != 4:
+        raise AlignError(f"routes: expected [B, S, L, K], got shape {tuple(routes.shape)}")
+    B, S = routes.shape[:2]
     mask = np.ones((B, S), bool) if attention_mask_BS is None else _numpy(attention_mask_BS) != 0
     if mask.shape != (B, S):
         raise AlignError(f"attention_mask: expected the routes' [B, S] = {(B, S)}, got "
                          f"{tuple(mask.shape)}")
+    return mask
+
+
+def unbatch_routes(routes_BSLK: Any, attention_mask_BS: Any = None) -> list[np.ndarray]:
+    """The inverse of :func:`batch_routes`: row b's ``[n_b, L, K]`` int64 routes (its valid
+    columns, in order; ``-1`` where missing)."""
+    r = _numpy(routes_BSLK).astype(np.int64, copy=False)
+    mask = _batch_mask(r, attention_mask_BS)
     rows = []
-    for b in range(B):
+    for b in range(r.shape[0]):
         c0, n = _row_span(mask[b], b)
         rows.append(r[b, c0:c0 + n].copy())
     return rows

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .align import MISSING, AlignError, _numpy, _row_span, trace_from_cells
+from .align import MISSING, AlignError, _batch_mask, _numpy, _row_span, trace_from_cells
 from .align_parallel import CP_MODES, cp_slice, cp_unslice, pad_to_multiple, sp_slice, sp_unslice
 from .trace import RoutingTrace
 
@@ -80,17 +80,6 @@ def _pack_valid(routes_BSLK: np.ndarray, mask_BS: np.ndarray) -> tuple[np.ndarra
         lengths.append(n)
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     return np.concatenate(rows) if rows else routes_BSLK[:0, 0], cu
-
-
-def _batch_mask(routes: np.ndarray, attention_mask_BS: Any) -> np.ndarray:
-    if routes.ndim != 4:
-        raise AlignError(f"routes: expected [B, S, L, K], got shape {tuple(routes.shape)}")
-    B, S = routes.shape[:2]
-    mask = np.ones((B, S), bool) if attention_mask_BS is None else _numpy(attention_mask_BS) != 0
-    if mask.shape != (B, S):
-        raise AlignError(f"attention_mask: expected the routes' [B, S] = {(B, S)}, got "
-                         f"{tuple(mask.shape)}")
-    return mask
 
 
 def to_megatron(routes_BSLK: Any, attention_mask_BS: Any = None, *, tp_size: int = 1,

@@ -10,9 +10,10 @@ rows are this rank's (:mod:`routecap.layout`); those rows land in a static devic
 ``[max_tokens, L, K]`` (a copy kernel per contiguous segment, no allocation, no host sync: safe
 inside a CUDA graph). ``end_step`` narrows the step's rows to the trace dtype, marks which
 ``(row, layer)`` cells are valid, all-gathers them over TP when the layout shards rows across TP
-ranks, and copies them into pinned host memory asynchronously. The host side (a *sink*, normally
-the binding feeding a :class:`routecap.store.RouteStore`) receives each step only once its copy is
-complete: :meth:`StepCapturer.poll` never waits, :meth:`StepCapturer.drain` does.
+ranks, and copies them into pinned host memory asynchronously (:mod:`routecap.capture_host`). The
+host side (a *sink*, normally the binding feeding a :class:`routecap.store.RouteStore`) receives
+each step only once its copy is complete: :meth:`StepCapturer.poll` never waits,
+:meth:`StepCapturer.drain` does.
 
 A cell is valid only if its layer wrote that row in *this* step with ids in ``[0, E)``. Rows a layer
 did not write (it was skipped, or its rows fit no layout) are never returned from an earlier step:
@@ -30,15 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import distributed as rcdist
+from .capture_host import HostHandoff, StepSnapshot
 from .capture_kernels import finish_cells, fused_available
 from .layout import Layout, LayoutError, RankView, RowPlan, infer_layout, plan_rows
 from .trace import id_dtype_for
@@ -92,26 +93,6 @@ class CaptureSpec:
         id_dtype_for(self.num_experts)  # raises for E > 65536
 
 
-@dataclass(frozen=True, kw_only=True)
-class StepSnapshot:
-    """One finished step on the host. The arrays are valid only during the sink call."""
-
-    step: int
-    expert_ids_NLK: np.ndarray  # trace dtype (uint8 / uint16), this rank's rows
-    valid_NL: np.ndarray  # bool: the layer wrote this row in this step, ids in range
-    tag: Any
-
-
-@dataclass
-class _Pending:
-    step: int
-    num_tokens: int
-    valid_rows: int  # rows past this (a graph replayed at a smaller size) read as missing
-    tag: Any
-    slot: int
-    event: Any  # torch.cuda.Event
-
-
 @dataclass
 class _Step:
     """Host-side state of the open step."""
@@ -125,6 +106,25 @@ class _Step:
     gather: RowPlan | None  # the TP-gather plan, decided at begin_step from the declared layout
     rows: int  # rows every successful capture writes: n, or this TP rank's chunk under a gather
     written_L: list[bool]  # host-side: which layers wrote this step (the rest read as missing)
+
+
+def _check_input(spec: CaptureSpec, layer: Any, ids: Any) -> tuple[str, str] | None:
+    """What is wrong with ``capture(layer, ids)``, as (kind, message); None if nothing."""
+    # NOTE: every check reads host-side metadata (shape, dtype) only: no sync.
+    L, K = spec.num_layers, spec.top_k
+    if not isinstance(layer, int) or not 0 <= layer < L:
+        return "layer", f"capture: expected layer in [0, {L}), got {layer!r}"
+    if not isinstance(ids, torch.Tensor):
+        return "type", f"capture(layer {layer}): expected a torch.Tensor, got {type(ids).__name__}"
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        return "dtype", (
+            f"capture(layer {layer}): expected integer expert ids, got dtype {ids.dtype}"
+        )
+    if ids.dim() != 2 or ids.shape[1] != K:
+        return "shape", (
+            f"capture(layer {layer}): expected ids of shape [N, K={K}], got {tuple(ids.shape)}"
+        )
+    return None
 
 
 def _device_narrow_dtype(num_experts: int) -> torch.dtype:
@@ -173,20 +173,17 @@ class StepCapturer:
     ) -> None:
         self.spec = spec
         self.device = torch.device(device)
-        self.sink = sink
         self.strict = strict
         self.growable = growable
         self.tp_group = tp_group
         self.events: Counter[str] = Counter()
         self._warned: set[str] = set()
-        self._host_dtype = id_dtype_for(spec.num_experts)
         self._narrow = _device_narrow_dtype(spec.num_experts)
         self._cuda = self.device.type == "cuda"
         self._fused = fused_available(self.device)
         self._graph_rows = 0  # rows the captured graph's step holds
-        self._num_slots = max(1, host_slots)
-        self._pending: deque[_Pending] = deque()
-        self._free_slots: deque[int] = deque(range(self._num_slots))
+        self._host = HostHandoff(num_experts=spec.num_experts, sink=sink, reject=self._reject,
+                                 slots=host_slots, cuda=self._cuda)
         self._step_no = 0
         self._step: _Step | None = None
         self._graph_steps = 0  # graph_step() contexts open (no growth, no publish inside)
@@ -208,13 +205,7 @@ class StepCapturer:
             # NOTE: compile the kernel now, never while a CUDA graph is being captured
             finish_cells(self._ids_NLK[:1], self._narrow_NLK[:1], self._state_NL[:1],
                          self.spec.num_experts, fused=True)
-        self._host_ids: list[torch.Tensor] = []
-        self._host_state: list[torch.Tensor] = []
-        if self._cuda:
-            self._host_ids = [torch.empty(capacity, L, K, dtype=self._narrow, pin_memory=True)
-                              for _ in range(self._num_slots)]
-            self._host_state = [torch.empty(capacity, L, dtype=torch.uint8, pin_memory=True)
-                                for _ in range(self._num_slots)]
+        self._host.allocate(self._narrow_NLK, self._state_NL)
 
     def _grow(self, n: int) -> None:
         if not self.growable or self._graph_steps or self._graphed:
@@ -290,7 +281,7 @@ class StepCapturer:
         step = self._step
         if step is None:
             return  # a forward outside any step (e.g. a warm-up the binding does not track)
-        problem = self._check(layer, topk_ids_NK)
+        problem = _check_input(self.spec, layer, topk_ids_NK)
         if problem is not None:
             self._reject(*problem)
             return
@@ -312,23 +303,6 @@ class StepCapturer:
         if dst != step.rows:  # a plan keeps this rank's rows: n, or its TP chunk
             raise AssertionError(f"plan {plan} wrote {dst} rows, the step expects {step.rows}")
         step.written_L[layer] = True
-
-    def _check(self, layer: Any, ids: Any) -> tuple[str, str] | None:
-        # NOTE: every check reads host-side metadata (shape, dtype) only: no sync.
-        L, K = self.spec.num_layers, self.spec.top_k
-        if not isinstance(layer, int) or not 0 <= layer < L:
-            return "layer", f"capture: expected layer in [0, {L}), got {layer!r}"
-        if not isinstance(ids, torch.Tensor):
-            return "type", f"capture(layer {layer}): expected a torch.Tensor, got {type(ids).__name__}"
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            return "dtype", (
-                f"capture(layer {layer}): expected integer expert ids, got dtype {ids.dtype}"
-            )
-        if ids.dim() != 2 or ids.shape[1] != K:
-            return "shape", (
-                f"capture(layer {layer}): expected ids of shape [N, K={K}], got {tuple(ids.shape)}"
-            )
-        return None
 
     def _reject(self, kind: str, message: str) -> None:
         if self.strict:
@@ -431,26 +405,17 @@ class StepCapturer:
         if self._graph_publish:
             self._copy_out(step_no, num_tokens, min(num_tokens, self._graph_rows), tag)
 
-    # ---- host side --------------------------------------------------------------------------------
+    # ---- host side: HostHandoff ----------------------------------------------------------------
+    @property
+    def sink(self) -> Callable[[StepSnapshot], None]:
+        return self._host.sink
+
     def _copy_out(self, step_no: int, n: int, valid_rows: int, tag: Any) -> None:
-        if not self._cuda:
-            self._deliver(step_no, tag, self._narrow_NLK[:n].numpy(),
-                          self._state_NL[:n].numpy(), valid_rows)
-            return
-        if not self._free_slots:
-            # NOTE: backpressure: every pinned slot is in flight, so wait for the oldest copy.
-            self._consume(block=True, limit=1)
-        slot = self._free_slots.popleft()
-        self._host_ids[slot][:n].copy_(self._narrow_NLK[:n], non_blocking=True)
-        self._host_state[slot][:n].copy_(self._state_NL[:n], non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending.append(_Pending(step=step_no, num_tokens=n, valid_rows=valid_rows, tag=tag,
-                                      slot=slot, event=event))
+        self._host.copy_out(step_no, self._narrow_NLK, self._state_NL, n, valid_rows, tag)
 
     def poll(self) -> int:
         """Hand every step whose copy has finished to the sink, without waiting. Returns how many."""
-        return self._consume(block=False)
+        return self._host.consume(block=False)
 
     def drain(self) -> int:
         """Wait for every step in flight and hand it to the sink.
@@ -458,43 +423,4 @@ class StepCapturer:
         NOTE: this synchronises with the device (one event wait per step in flight); call it at
         the end of a batch, not inside a step.
         """
-        return self._consume(block=True)
-
-    def _consume(self, *, block: bool, limit: int | None = None) -> int:
-        done = 0
-        while self._pending and (limit is None or done < limit):
-            p = self._pending[0]
-            if not block and not p.event.query():
-                break
-            if block:
-                p.event.synchronize()
-            self._pending.popleft()
-            try:
-                ids = self._host_ids[p.slot][: p.num_tokens].numpy()
-                state = self._host_state[p.slot][: p.num_tokens].numpy()
-                self._deliver(p.step, p.tag, ids, state, p.valid_rows)
-            finally:
-                self._free_slots.append(p.slot)
-            done += 1
-        return done
-
-    def _deliver(self, step: int, tag: Any, ids: np.ndarray, state: np.ndarray,
-                 valid_rows: int) -> None:
-        if ids.dtype != self._host_dtype:
-            if ids.dtype.itemsize == self._host_dtype.itemsize:
-                ids = ids.view(self._host_dtype)
-            else:
-                ids = ids.astype(self._host_dtype)
-        valid = state == 1
-        bad = state == 2
-        # rows past what the step (or the replayed graph) wrote hold another step's cells
-        valid[valid_rows:] = False
-        bad[valid_rows:] = False
-        if bad.any():
-            row, layer = (int(v) for v in np.argwhere(bad)[0])
-            msg = (
-                f"step {step}: layer {layer} gave expert ids outside [0, {self.spec.num_experts}) "
-                f"(first at row {row}); {int(bad.sum())} (row, layer) cells affected"
-            )
-            self._reject("range", msg)
-        self.sink(StepSnapshot(step=step, expert_ids_NLK=ids, valid_NL=valid, tag=tag))
+        return self._host.consume(block=True)

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .cli_output import err, fail, out, print_request, print_summary, token_decoder
 
 app = typer.Typer(
     name="routecap",
@@ -23,8 +23,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
 # how long a rank whose failure rank 0 reports waits for rank 0 to report it (it is stopped then)
 QUIET_RANK_GRACE_S = 10.0
 
@@ -56,21 +54,15 @@ class Format(str, Enum):
     vllm = "vllm"
 
 
+WireMode = Enum("WireMode", {m: m for m in ("auto", "order", "set", "entropy", "ids", "raw")},
+                type=str)
+
+
 class PromptFormat(str, Enum):
     auto = "auto"
     text = "text"
     ids = "ids"
     jsonl = "jsonl"
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    """Print ``error: MESSAGE`` on one line, the message verbatim (no markup: a message such as
-    "at [token 5, layer 0, slot 0]" must keep its brackets)."""
-    from rich.text import Text
-
-    err.print(Text.assemble(("error: ", "bold red"), " ".join(str(message).split())),
-              soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _version(value: bool) -> None:
@@ -93,8 +85,8 @@ def _resolve_device(device: Device) -> str:
     if device is Device.auto:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device is Device.cuda and not torch.cuda.is_available():
-        raise _fail("--device cuda: no CUDA device is available (torch.cuda.is_available() is "
-                    "False); use --device cpu")
+        raise fail("--device cuda: no CUDA device is available (torch.cuda.is_available() is "
+                   "False); use --device cpu")
     return device.value
 
 
@@ -106,32 +98,8 @@ def _resolve_dtype(dtype: DType, device: str) -> Any:
     return getattr(torch, dtype.value)
 
 
-def print_summary(summary: Any, *, title: str) -> None:
-    head = Table(title=title, show_header=False, title_justify="left")
-    head.add_column(style="bold")
-    head.add_column()
-    for k, v in [("model", summary.model), ("requests", f"{summary.num_requests:,}"),
-                 ("tokens", f"{summary.num_tokens:,}"),
-                 ("MoE layers", f"{len(summary.moe_layers)} {list(summary.moe_layers)}"),
-                 ("experts", str(summary.num_experts)), ("top-k", str(summary.top_k)),
-                 ("missing cells", f"{summary.num_missing:,}")]:
-        head.add_row(k, v)
-    out.print(head)
-    t = Table(title="load imbalance per MoE layer (max/mean of expert counts; 1.00 = balanced)",
-              title_justify="left")
-    t.add_column("layer", justify="right")
-    t.add_column("max/mean", justify="right")
-    t.add_column("busiest expert", justify="right")
-    t.add_column("idle experts", justify="right")
-    for layer, imb, busy, idle in zip(summary.moe_layers, summary.imbalance_L,
-                                      summary.busiest_L, summary.idle_L):
-        t.add_row(str(layer), "-" if imb != imb else f"{imb:.2f}", str(int(busy)), str(int(idle)))
-    out.print(t)
-
-
 @app.command()
 def capture(
-    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="builtin:tiny-qwen3-moe or a local transformers "
                                             "model folder.")],
     prompts: Annotated[Path, typer.Option(help="Prompts: text lines, JSONL, or token ids.")],
@@ -180,29 +148,32 @@ def capture(
                                                 "with --nnodes > 1).")] = None,
 ) -> None:
     """Capture the routes of every prompt and write one trace per request plus a summary."""
+    # the converted arguments, for the ranks of --nproc (click's ctx.params holds the raw strings
+    # of enum options under some typer versions)
+    params = dict(locals())
     from .capture_checks import JobError, check_sampling
     from .folderlock import FolderLockedError, describe_os_error, probe
     from .prompts import PromptFileError, read_prompts
 
     if overwrite and resume:
-        raise _fail("--overwrite and --resume exclude each other: --resume finishes the capture "
-                    "in --out, --overwrite replaces it")
+        raise fail("--overwrite and --resume exclude each other: --resume finishes the capture "
+                   "in --out, --overwrite replaces it")
     try:
         items = read_prompts(prompts, prompts_format.value)
         check_sampling(sample=sample, temperature=temperature, top_p=top_p)
     except (PromptFileError, JobError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     if out_dir.exists() and not out_dir.is_dir():
-        raise _fail(f"--out {out_dir}: exists and is not a folder")
+        raise fail(f"--out {out_dir}: exists and is not a folder")
     workers = nproc * nnodes
     if workers > 1 and "WORLD_SIZE" not in os.environ:
         try:  # refuse a second writer at once, before any rank starts
             probe(out_dir)
         except FolderLockedError as e:
-            raise _fail(str(e.strerror)) from None
+            raise fail(str(e.strerror)) from None
         except OSError as e:
-            raise _fail(describe_os_error(e, f"--out {out_dir}")) from None
-        raise typer.Exit(_launch(ctx.params, nproc, nnodes=nnodes, node_rank=node_rank,
+            raise fail(describe_os_error(e, f"--out {out_dir}")) from None
+        raise typer.Exit(_launch(params, nproc, nnodes=nnodes, node_rank=node_rank,
                                  endpoint=rdzv_endpoint, run_id=rdzv_id))
     from .capture_job import CaptureJob, QuietJobError, run_capture_job
     from .files import TraceFileError
@@ -230,7 +201,7 @@ def capture(
         time.sleep(QUIET_RANK_GRACE_S)
         raise typer.Exit(2) from None
     except (JobError, UnsupportedModelError, TraceFileError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     if result.rank != 0:
         return
     if result.already_complete:
@@ -255,12 +226,15 @@ def _launch(params: dict, nproc: int, *, nnodes: int, node_rank: int | None, end
                         rdzv=Rendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=endpoint,
                                         run_id=run_id))
     except LaunchError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     if not failed:
         return 0
-    codes = dict(sorted(failed.items()))
-    if any(c != 2 for c in codes.values()):  # 2: a rank already printed its one-line error
-        _fail(f"ranks exited with codes {codes}")
+    codes = {rank: f.exitcode for rank, f in sorted(failed.items())}
+    unexpected = [(rank, f) for rank, f in sorted(failed.items()) if f.exitcode != 2]
+    if unexpected:  # 2: a rank already printed its one-line error
+        rank, f = unexpected[0]
+        fail(f"rank {rank} failed (exit code {f.exitcode}): {f.message}"
+             + (f"; ranks exited with codes {codes}" if len(codes) > 1 else ""))
     if 2 in codes.values():
         return 2
     return next((c for c in codes.values() if c > 0), 1)
@@ -289,10 +263,10 @@ def show(
         else:
             trace = ts.get(request)
     except TraceFileError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     except KeyError as e:
         ids = ts.request_ids()
-        raise _fail(f"{e.args[0]}; known ids start with {ids[:5]}") from None
+        raise fail(f"{e.args[0]}; known ids start with {ids[:5]}") from None
     if request is None:
         if as_json:
             out.print_json(json.dumps({**summary.to_dict(), "capture": status}))
@@ -303,7 +277,7 @@ def show(
                           "routecap capture --resume); every finished shard was read",
                           markup=False)
         return
-    _print_request(trace, limit, _token_decoder(trace, tokenizer))
+    print_request(trace, limit, token_decoder(trace, tokenizer))
 
 
 @app.command()
@@ -322,6 +296,10 @@ def convert(
     num_experts: Annotated[int | None, typer.Option(help="E.")] = None,
     top_k: Annotated[int | None, typer.Option(help="K.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace DST.")] = False,
+    wire_mode: Annotated[WireMode, typer.Option(
+        help="Codec mode of --to wire records: auto (order kept), or set / entropy (each row "
+             "as a set, the router's order dropped; entropy is the smallest on skewed routes, "
+             "slower to encode and decode).")] = WireMode.auto,
 ) -> None:
     """Convert between trace files, routecap wire JSONL, SGLang meta_info and vLLM records."""
     from .codec import CodecError
@@ -355,15 +333,16 @@ def convert(
         with progress:
             task = progress.add_task("convert", total=total)
             n = run(src, dst, src_format=src_fmt, dst_format=to.value, shape=shape,
-                    overwrite=overwrite, on_trace=lambda: progress.advance(task))
+                    overwrite=overwrite, on_trace=lambda: progress.advance(task),
+                    wire_mode=wire_mode.value)
     except FolderLockedError as e:
-        raise _fail(str(e.strerror)) from None
+        raise fail(str(e.strerror)) from None
     except FileExistsError as e:
-        raise _fail(f"{e}; pass --overwrite or choose another destination") from None
+        raise fail(f"{e}; pass --overwrite or choose another destination") from None
     except (ConvertError, TraceFileError, CodecError, ValueError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     except OSError as e:
-        raise _fail(describe_os_error(e, f"writing {dst}")) from None
+        raise fail(describe_os_error(e, f"writing {dst}")) from None
     out.print(f"converted {n} traces: {src} ({src_fmt}) -> {dst} ({to.value})", markup=False)
 
 
@@ -480,57 +459,11 @@ def diff(
     try:
         g = diff_traces(a, b, diverged="error" if strict else "prefix")
     except (TraceFileError, ValueError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     if as_json:
         out.print_json(json.dumps(g.to_dict()))
     else:
         out.print(g.table(title=f"routing agreement: {a} vs {b}"))
-
-
-def _token_decoder(trace: Any, tokenizer: str | None) -> Any:
-    """A token-id -> text function: the given tokenizer, or the built-in one for built-in models."""
-    if tokenizer is None and not trace.model.startswith("builtin:"):
-        return None
-    if tokenizer is None or tokenizer.startswith("builtin:"):
-        from .builtin import byte_tokenizer
-
-        tok = byte_tokenizer()
-    else:
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(tokenizer)
-        except (OSError, ValueError) as e:
-            raise _fail(f"--tokenizer {tokenizer}: cannot load it ({e})") from None
-    return lambda i: tok.decode([i])
-
-
-def _print_request(trace: Any, limit: int, decode: Any) -> None:
-    out.print(f"request {trace.request_id!r}: {trace.num_tokens} tokens from position "
-              f"{trace.start}, prompt length {trace.prompt_len}, E={trace.num_experts}, "
-              f"K={trace.top_k}, {trace.num_missing} missing cells")
-    t = Table(show_lines=False)
-    t.add_column("pos", justify="right")
-    t.add_column("", justify="left")
-    t.add_column("token", justify="right")
-    if decode is not None:
-        t.add_column("text", justify="left")
-    for layer in trace.moe_layers:
-        t.add_column(f"layer {layer}", justify="left")
-    ids = trace.to_numpy()
-    rows = range(trace.num_tokens) if limit == 0 else range(min(limit, trace.num_tokens))
-    for r in rows:
-        pos = trace.start + r
-        kind = "prompt" if pos < trace.prompt_len else "gen"
-        tok = "-" if trace.token_ids is None else str(int(trace.token_ids[r]))
-        cells = ["missing" if trace.missing is not None and trace.missing[r, layer]
-                 else " ".join(str(e) for e in ids[r, layer]) for layer in range(trace.num_layers)]
-        text = [] if decode is None else [
-            "-" if trace.token_ids is None else repr(decode(int(trace.token_ids[r])))[1:-1]]
-        t.add_row(str(pos), kind, tok, *text, *cells)
-    out.print(t)
-    if limit and trace.num_tokens > limit:
-        out.print(f"... {trace.num_tokens - limit} more rows (--limit 0 prints all)")
 
 
 def main() -> None:

@@ -163,14 +163,17 @@ def read_records(path: Path, fmt: str, shape: RouterShape | None = None
         raise ConvertError(f"{path}: holds no {fmt} record")
 
 
-def _record(t: RoutingTrace, fmt: str, shape: RouterShape | None) -> dict[str, Any]:
+def _record(t: RoutingTrace, fmt: str, shape: RouterShape | None,
+            wire_mode: str = "auto") -> dict[str, Any]:
     from .integrations.sglang import to_sglang
     from .integrations.vllm import to_vllm_b64npy
 
     A = shape.num_layers if shape is not None else None
     if fmt == "wire":
-        return {"request_id": t.request_id, "routecap": base64.b64encode(codec.encode(t))
-                .decode("ascii")}
+        if wire_mode in codec.SET_MODES:  # asking for a set mode says the order may go
+            t = t.with_sorted_topk()
+        return {"request_id": t.request_id, "routecap": base64.b64encode(
+            codec.encode(t, mode=wire_mode)).decode("ascii")}
     if fmt == "sglang":
         return {"id": t.request_id, "routed_experts": to_sglang(t, num_layers=A),
                 "routed_experts_start_len": t.start, "prompt_tokens": t.prompt_len,
@@ -183,10 +186,12 @@ def _record(t: RoutingTrace, fmt: str, shape: RouterShape | None) -> dict[str, A
 
 def write_records(traces: Iterable[RoutingTrace], path: Path, fmt: str,
                   shape: RouterShape | None = None, *, overwrite: bool = False,
-                  on_trace: Callable[[], None] | None = None) -> int:
+                  on_trace: Callable[[], None] | None = None, wire_mode: str = "auto") -> int:
     """Write traces in format ``fmt``, all or nothing: a trace folder is committed, a JSONL file
     renamed into place, only once every trace is written; an error leaves ``path`` as it was.
-    Returns how many."""
+    ``wire_mode``: the codec mode of ``wire`` records (:func:`routecap.codec.encode`; ``set`` and
+    ``entropy`` store each row as a set, dropping the router's order). Returns how many."""
+    _check_wire_mode(fmt, wire_mode)
     n = 0
     if fmt == "trace":
         with TraceWriter(path, overwrite=overwrite, keep_on_error=False) as w:
@@ -204,12 +209,20 @@ def write_records(traces: Iterable[RoutingTrace], path: Path, fmt: str,
         raise FileExistsError(f"{path} exists")
     with AtomicTextWriter(path) as f:
         for t in traces:
-            f.write(json.dumps(_record(t, fmt, shape), separators=(",", ":")) + "\n")
+            f.write(json.dumps(_record(t, fmt, shape, wire_mode), separators=(",", ":"))
+                    + "\n")
             n += 1
             if on_trace is not None:
                 on_trace()
         f.commit()
     return n
+
+
+def _check_wire_mode(fmt: str, wire_mode: str) -> None:
+    if wire_mode not in codec.MODES:
+        raise ConvertError(f"unknown wire mode {wire_mode!r}; expected one of {codec.MODES}")
+    if wire_mode != "auto" and fmt != "wire":
+        raise ConvertError(f"a wire mode ({wire_mode!r}) applies to wire output only, not {fmt}")
 
 
 def _same_or_nested(a: Path, b: Path) -> bool:
@@ -219,17 +232,19 @@ def _same_or_nested(a: Path, b: Path) -> bool:
 
 def convert(src: Path, dst: Path, *, src_format: str, dst_format: str,
             shape: RouterShape | None = None, overwrite: bool = False,
-            on_trace: Callable[[], None] | None = None) -> int:
+            on_trace: Callable[[], None] | None = None, wire_mode: str = "auto") -> int:
     """Convert every trace of ``src`` to ``dst``; returns how many. ``dst`` is written all or
-    nothing (see :func:`write_records`); it may not be ``src`` or inside it (or hold it)."""
+    nothing (see :func:`write_records`, which also says what ``wire_mode`` does); it may not be
+    ``src`` or inside it (or hold it)."""
     for f in (src_format, dst_format):
         if f not in FORMATS:
             raise ConvertError(f"unknown format {f!r}; expected one of {FORMATS}")
+    _check_wire_mode(dst_format, wire_mode)
     if _same_or_nested(Path(src), Path(dst)):
         raise ConvertError(f"the destination {dst} is the source {src} or inside it (or holds "
                            "it): convert reads while it writes; choose another destination")
     return write_records(read_records(src, src_format, shape), dst, dst_format, shape,
-                         overwrite=overwrite, on_trace=on_trace)
+                         overwrite=overwrite, on_trace=on_trace, wire_mode=wire_mode)
 
 
 def count_records(path: Path, fmt: str) -> int | None:

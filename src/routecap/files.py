@@ -7,8 +7,8 @@ per-request ``missing.{i}`` masks ``[T_i, L]`` (only for requests that have miss
 ``token_ids`` ``[N']`` for the requests that carry tokens, and a JSON header in the safetensors
 metadata (``routecap`` key) with the shared fields, one record per request, a CRC-32 of every
 tensor and (file format 2) a CRC-32 of the header itself. docs/trace-format.md is the normative
-description. Folders of shards (manifest, lock, atomic commit, resume) live in
-:mod:`routecap.tracefolder`; ``TraceWriter`` and ``open_traces`` are re-exported here.
+description. Folders of shards (manifest, lock, atomic commit, resume) live in the package
+:mod:`routecap.tracefolder`; ``TraceSet``, ``TraceWriter`` and ``open_traces`` are re-exported here.
 
 Reads are memory-mapped: the arrays of a loaded trace are read-only views of the file, not copies.
 Writes go to a temporary file in the same folder, are flushed to disk and then renamed, so a reader
@@ -25,11 +25,14 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .trace import RoutingTrace, TraceValidationError, id_dtype_for
+
+if TYPE_CHECKING:  # re-exported at run time by __getattr__ (at the end)
+    from .tracefolder import TraceSet, TraceWriter, open_traces
 
 __all__ = [
     "FILE_FORMAT",
@@ -467,6 +470,14 @@ def load_parsed(path: Path, h: _Header, *, check_crc: bool, validate: bool) -> l
     return traces
 
 
-# the folder API (manifest, lock, atomic commit, resume): defined in tracefolder, which imports the
-# file format above
-from .tracefolder import TraceSet, TraceWriter, open_traces  # noqa: E402
+_FOLDER_API = ("TraceSet", "TraceWriter", "open_traces")
+
+
+def __getattr__(name: str) -> Any:
+    # NOTE: the folder API (manifest, lock, atomic commit, resume) lives in routecap.tracefolder,
+    # which builds on this module: it is re-exported lazily so either module can be imported first
+    if name in _FOLDER_API:
+        from . import tracefolder
+
+        return getattr(tracefolder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PRELOAD", "LaunchError", "Rendezvous", "cli_rank", "launch"]
+__all__ = ["PRELOAD", "LaunchError", "RankFailure", "Rendezvous", "cli_rank", "launch"]
 
 # what the fork server imports before it forks function ranks (a module that fails to import is
 # skipped there and imported by the rank itself)
@@ -32,6 +32,14 @@ PRELOAD = ("torch", "torch.distributed", "transformers", "transformers.modeling_
 
 class LaunchError(ValueError):
     """The launch options are inconsistent; the message says which and why."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankFailure:
+    """How a rank ended when it did not end well."""
+
+    exitcode: int  # negative: killed by that signal
+    message: str  # the exception a function rank raised ("ValueError: ..."), or torch's words
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,13 +71,14 @@ class Rendezvous:
 
 def launch(entry: Sequence[str] | Callable[..., Any], nproc: int, *, args: Sequence[Any] = (),
            rdzv: Rendezvous | None = None, env: dict[str, str] | None = None,
-           log_dir: str | None = None, preload: Sequence[str] = PRELOAD) -> dict[int, int]:
+           log_dir: str | None = None,
+           preload: Sequence[str] = PRELOAD) -> dict[int, RankFailure]:
     """Run ``entry`` as ``nproc`` ranks on this node and wait: a command (``argv[0]`` an
     executable, the rest its arguments) or a picklable module-level function called as
     ``entry(*args)`` in each rank (forked from the preloading server; the rank's exit code is
     that of a ``SystemExit`` it raises, else 0). With ``log_dir``, each rank's stdout and stderr
     go to files below it (torchrun's ``--redirects 3 --log-dir``). Returns ``{global rank: exit
-    code}`` of the ranks that failed (empty: all exited 0).
+    code and message}`` of the ranks that failed (empty: all exited 0).
     """
     rdzv = rdzv or Rendezvous()
     rdzv.check()
@@ -84,7 +93,8 @@ def launch(entry: Sequence[str] | Callable[..., Any], nproc: int, *, args: Seque
         os.environ.update(saved)
 
 
-def _launch(entry, nproc: int, *, args, rdzv: Rendezvous, env, log_dir, preload) -> dict[int, int]:
+def _launch(entry, nproc: int, *, args, rdzv: Rendezvous, env, log_dir,
+            preload) -> dict[int, RankFailure]:
     # NOTE: the launcher's own loggers read LOGLEVEL when first made; a failed rank has said
     # what went wrong in one line, so the agent's warnings (closing signals, failure tables)
     # stay quiet unless the user asks for them
@@ -126,7 +136,8 @@ def _launch(entry, nproc: int, *, args, rdzv: Rendezvous, env, log_dir, preload)
     try:
         elastic_launch(config, target)(*argv)
     except ChildFailedError as e:
-        return {rank: int(f.exitcode) for rank, f in e.failures.items()}
+        return {rank: RankFailure(exitcode=int(f.exitcode), message=str(f.message))
+                for rank, f in e.failures.items()}
     finally:
         for logger, level in levels.items():
             logger.setLevel(level)
@@ -151,8 +162,8 @@ def _quiet_loggers() -> dict[Any, int]:
 
 def cli_rank(command: str, params: dict[str, Any]) -> None:
     """One rank of a ``routecap`` command: the command's function called with the values the
-    launching process parsed (``typer.Context.params``; the context itself is not sent). Its
-    ``typer.Exit`` / ``SystemExit`` becomes the rank's exit code."""
+    launching process parsed and converted. Its ``typer.Exit`` / ``SystemExit`` becomes the
+    rank's exit code."""
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:  # the fork server's torch was imported before the launcher set it
         import torch
@@ -163,7 +174,7 @@ def cli_rank(command: str, params: dict[str, Any]) -> None:
     from . import cli
 
     try:
-        getattr(cli, command)(None, **params)
+        getattr(cli, command)(**params)
     except typer.Exit as e:
         if e.exit_code:
             sys.exit(e.exit_code)

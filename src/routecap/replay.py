@@ -123,7 +123,7 @@ def replay_sites(model: nn.Module) -> MoEModelInfo:
     """The model's routers, checked for replay: refuses by name what cannot be replayed.
 
     Where each router family's final top-k is, or why it cannot be replayed, is the ``force_ids``
-    slot of its adapter in :data:`routecap.integrations.hf_routers.ROUTER_ADAPTERS`.
+    slot of its adapter in :data:`routecap.integrations.hf_adapters.ROUTER_ADAPTERS`.
     """
     info = _cached_sites(model)
     for site in info.sites:

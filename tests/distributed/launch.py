@@ -63,3 +63,20 @@ def _outputs(logs: Path, script, args, world: int, failed: dict[int, int]):
         outs.append(subprocess.CompletedProcess([str(script), *args], failed.get(rank, 0), text,
                                                 ""))
     return outs
+
+
+#: NCCL for the multi-GPU tests: NVLink multicast (NVLS) off, as the device machines require
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def transformers_has_ep() -> bool:
+    """Whether this transformers has all-to-all expert parallelism (``ep_size``); 5.17 has only
+    the TP-style expert parallelism that remaps router outputs."""
+    try:
+        from transformers.distributed import DistributedConfig
+
+        DistributedConfig(fsdp_size=2, ep_size=2, ep_implementation="all_to_all")
+        return True
+    except Exception:  # noqa: BLE001 - older transformers: no ep_size
+        return False

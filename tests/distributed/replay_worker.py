@@ -27,7 +27,6 @@ to the single-process loss; FSDP's gradient division is set to 1 (gradients are 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -311,6 +310,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM
 
+    from distributed.rank_setup import init_group, load_ep_model, rank_device
     from routecap.replay import replay
 
     ap = argparse.ArgumentParser()
@@ -319,26 +319,17 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU a rank)")
     args = ap.parse_args()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = "cpu"
-    if args.device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
+    rank, world, device = rank_device(args.device)
     case = torch.load(args.case)
     torch.manual_seed(rank)
     if args.mode == "ep":
-        from transformers.distributed import DistributedConfig
-
-        dc = DistributedConfig(fsdp_size=world, ep_size=world, ep_implementation="all_to_all")
-        model = AutoModelForCausalLM.from_pretrained(case["model_dir"], distributed_config=dc,
-                                                     dtype=torch.float32)
+        model = load_ep_model(case["model_dir"], world, dtype=torch.float32)
         device = str(next(model.parameters()).device)
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        init_group(device)
         model = AutoModelForCausalLM.from_pretrained(case["model_dir"], dtype=torch.float32)
         model.to(device)
         mesh = init_device_mesh(device.split(":")[0], (world,))

@@ -129,12 +129,55 @@ def _exit_on_rank(bad_rank: int, code: int) -> None:
         sys.exit(code)
 
 
+def _raise_on_rank(bad_rank: int) -> None:
+    if int(os.environ["RANK"]) == bad_rank:
+        raise ValueError(f"rank {bad_rank} cannot go on")
+
+
 @pytest.mark.distributed
-def test_a_failed_function_rank_is_reported_with_its_exit_code():
+def test_a_failed_function_rank_is_reported_with_its_exit_code_and_error():
     from routecap.launch import launch
 
     assert launch(_exit_on_rank, 2, args=(5, 3)) == {}  # no such rank: every rank exits 0
-    assert launch(_exit_on_rank, 2, args=(1, 3)) == {1: 3}
+    (failure,) = launch(_exit_on_rank, 2, args=(1, 3)).items()
+    assert failure[0] == 1 and failure[1].exitcode == 3
+    ((rank, f),) = launch(_raise_on_rank, 2, args=(0,)).items()
+    assert rank == 0 and f.exitcode == 1
+    assert "ValueError: rank 0 cannot go on" in f.message
+
+
+def test_the_ranks_get_the_converted_arguments(tmp_path, monkeypatch):
+    """The ranks call capture() with the launching process's converted values (enums as enums:
+    on the GPU machine's typer, click's ctx.params held the raw strings and every rank died with
+    AttributeError: 'str' object has no attribute 'value')."""
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from routecap import cli, launch
+
+    seen = {}
+
+    def fake_launch(entry, nproc, *, args, **kw):
+        seen.update(entry=entry, nproc=nproc, args=args)
+        return {2: launch.RankFailure(exitcode=1, message="ValueError: lost")}
+
+    monkeypatch.setattr(launch, "launch", fake_launch)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n")
+    r = CliRunner().invoke(cli.app, [*ARGS, "--prompts", str(prompts), "--out",
+                                     str(tmp_path / "o"), "--nproc", "2", "--dispatch",
+                                     "gathered", "--prompts-format", "text"])
+    assert seen["entry"] is launch.cli_rank and seen["nproc"] == 2
+    command, params = seen["args"]
+    assert command == "capture"
+    assert list(params) == list(inspect.signature(cli.capture).parameters)
+    assert params["dispatch"] is cli.Dispatch.gathered
+    assert params["prompts_format"] is cli.PromptFormat.text
+    assert params["out_dir"] == tmp_path / "o" and params["nproc"] == 2
+    # a rank that died of an exception (a bug, not bad input): its error in one line, exit 1
+    assert r.exit_code == 1
+    assert r.stderr.strip() == "error: rank 2 failed (exit code 1): ValueError: lost", r.stderr
 
 
 @pytest.mark.distributed

@@ -18,7 +18,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from distributed.launch import run_ranks  # noqa: E402
+from distributed.launch import run_ranks, transformers_has_ep  # noqa: E402
 from distributed.worker import left_pad, requests  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
@@ -98,17 +98,7 @@ def test_tp_groups_strided_across_the_world(tmp_path, layout, counts):
         (0, 0, 0), (1, 1, 0), (2, 0, 1), (3, 1, 1)}
 
 
-def _transformers_has_ep() -> bool:
-    try:
-        from transformers.distributed import DistributedConfig
-
-        DistributedConfig(fsdp_size=2, ep_size=2, ep_implementation="all_to_all")
-        return True
-    except Exception:  # noqa: BLE001 - older transformers: no ep_size (5.17 has TP-style EP only)
-        return False
-
-
-@pytest.mark.skipif(not _transformers_has_ep(), reason="this transformers has no all-to-all EP")
+@pytest.mark.skipif(not transformers_has_ep(), reason="this transformers has no all-to-all EP")
 @pytest.mark.parametrize("world,counts", [(2, [3, 0]), (4, [2, 0, 3, 1])])
 def test_local_layout_with_transformers_expert_parallelism(tmp_path, world, counts):
     model = tiny_model("qwen3_moe", seed=0)
@@ -126,7 +116,7 @@ def _transformers_has_tp_style_ep() -> bool:
         DistributedConfig(tp_size=2, enable_expert_parallel=True)
     except Exception:  # noqa: BLE001
         return False
-    return not _transformers_has_ep()
+    return not transformers_has_ep()
 
 
 @pytest.mark.skipif(not _transformers_has_tp_style_ep(),

@@ -27,24 +27,14 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from distributed.launch import run_ranks  # noqa: E402
+from distributed.launch import run_ranks, transformers_has_ep  # noqa: E402
 from distributed.replay_worker import check_case, make_case  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 WORKER = HERE / "replay_worker.py"
 
 
-def _transformers_has_ep() -> bool:
-    try:
-        from transformers.distributed import DistributedConfig
-
-        DistributedConfig(fsdp_size=2, ep_size=2, ep_implementation="all_to_all")
-        return True
-    except Exception:  # noqa: BLE001 - older transformers (5.17): no all-to-all EP
-        return False
-
-
-needs_ep = pytest.mark.skipif(not _transformers_has_ep(),
+needs_ep = pytest.mark.skipif(not transformers_has_ep(),
                               reason="this transformers has no all-to-all expert parallelism")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/, for tiny_models
 
+from distributed.rank_setup import init_group, load_ep_model, rank_device  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
 from routecap.files import save_file  # noqa: E402
@@ -63,12 +63,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU a rank)")
     ap.add_argument("--strided-tp", action="store_true", help="TP peers are DP ranks apart")
     args = ap.parse_args()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = "cpu"
-    if args.device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
+    rank, world, device = rank_device(args.device)
     torch.manual_seed(args.seed + rank)
     TP = args.tp
     DP = world // TP
@@ -79,13 +74,9 @@ def main() -> None:
     def world_rank(d: int, t: int) -> int:
         return t * DP + d if args.strided_tp else d * TP + t
     if args.ep_model:
-        from transformers import AutoModelForCausalLM
-        from transformers.distributed import DistributedConfig
-
-        dc = DistributedConfig(fsdp_size=world, ep_size=world, ep_implementation="all_to_all")
-        model = AutoModelForCausalLM.from_pretrained(args.ep_model, distributed_config=dc).eval()
+        model = load_ep_model(args.ep_model, world).eval()
     else:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        init_group(device)
         model = tiny_model("qwen3_moe", seed=args.seed).to(device)
     # every rank creates every group, in the same order
     tp_groups = [dist.new_group(sorted(world_rank(d, t) for t in range(TP))) for d in range(DP)]

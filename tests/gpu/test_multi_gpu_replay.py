@@ -28,33 +28,21 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from distributed.launch import run_ranks  # noqa: E402
+from distributed.launch import NCCL_ENV, run_ranks, transformers_has_ep  # noqa: E402
 from distributed.replay_worker import check_case, make_case  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 WORKER = HERE.parent / "distributed" / "replay_worker.py"
-ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-       "NVSHMEM_DISABLE_NVLS": "1"}
 # GPU reductions (attention, matmul splits) differ in order between one batch and two shards
 RTOL, ATOL = 1e-3, 1e-5
 FSDP = [("builtin", [3, 1]), ("qwen3_moe", [0, 3]), ("deepseek_v3", [2, 0])]
 EP = [("qwen3_moe", [3, 0]), ("qwen3_moe", [1, 4]), ("deepseek_v3", [2, 0])]
 
 
-def _transformers_has_ep() -> bool:
-    try:
-        from transformers.distributed import DistributedConfig
-
-        DistributedConfig(fsdp_size=2, ep_size=2, ep_implementation="all_to_all")
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def _run(tmp_path: Path, arch: str, counts: list[int], mode: str) -> None:
     case = make_case(tmp_path, arch, counts, device="cuda:0")
     run_ranks(WORKER, ["--case", str(tmp_path / "case.pt"), "--mode", mode, "--out",
-                       str(tmp_path), "--device", "cuda"], 2, env=ENV, timeout=600)
+                       str(tmp_path), "--device", "cuda"], 2, env=NCCL_ENV, timeout=600)
     res = check_case(tmp_path, case, 2, mode=mode, rtol=RTOL, atol=ATOL)
     n = sum(len(o["collectives"]["plain"]) for o in res["outs"])
     print(f"{mode} {arch} {counts}: own routing differs in {res['disagreement']:.1%} of the "
@@ -68,6 +56,6 @@ def test_fsdp2_replay_two_gpus_equal_one_gpu(tmp_path, arch, counts):
 
 @pytest.mark.parametrize("arch,counts", EP, ids=[f"{a}-{'-'.join(map(str, c))}" for a, c in EP])
 def test_expert_parallel_replay_two_gpus_equal_one_gpu(tmp_path, arch, counts):
-    if not _transformers_has_ep():
+    if not transformers_has_ep():
         pytest.skip("this transformers has no all-to-all expert parallelism (carry 5.24 wheels)")
     _run(tmp_path, arch, counts, "ep")

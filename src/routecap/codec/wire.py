@@ -18,12 +18,13 @@ import numpy as np
 import zstandard
 
 from ..trace import FORMAT_VERSION, RoutingTrace, TraceValidationError, id_dtype_for
-from . import kernels
+from . import entropy, entropy_kernels, kernels
 from .ranking import mode_fits, token_bytes, widths_of
 
 MAGIC = b"RCAP"
 WIRE_VERSION = 1
-MODES = ("auto", "order", "set", "ids", "raw")
+MODES = ("auto", "order", "set", "entropy", "ids", "raw")
+SET_MODES = ("set", "entropy")  # modes that store each row as a set (sorted traces only)
 BLOCK_TOKENS = 16384
 _MAX_HEADER = 1 << 24
 _MAX_IDS = 1 << 31  # refuse to allocate more ids than this from a header
@@ -47,10 +48,20 @@ def _fields(rows_NK: np.ndarray, mode: str, E: int, K: int) -> np.ndarray:
     return np.stack([ranks, perms], axis=1) if order else ranks[:, None]
 
 
+class _NotCodable(Exception):
+    """A block the entropy mode cannot code (a table would not fit 11-bit frequencies)."""
+
+
 def _block_payload(ids_TLK: np.ndarray, missing_TL: np.ndarray | None, mode: str, layout: str,
                    E: int) -> bytes:
-    """One block's routes before zstd (missing cells hold zero rows or fields)."""
+    """One block's routes before zstd (missing cells hold zero rows or fields; the entropy
+    mode leaves them out)."""
     T, L, K = ids_TLK.shape
+    if mode == "entropy":
+        payload = entropy_kernels.encode_block(ids_TLK, missing_TL, E)
+        if payload is None:
+            raise _NotCodable
+        return payload
     if mode == "raw":
         arr = ids_TLK.transpose(1, 0, 2) if layout == "layer" else ids_TLK
         return np.ascontiguousarray(arr).tobytes()
@@ -75,10 +86,11 @@ def _routes(trace: RoutingTrace, mode: str, layout: str, block: int, level: int,
     or the block is stored uncompressed.
     """
     ids, miss = trace.expert_ids, trace.missing
-    blocks, stored = [], []
+    blocks, stored, payloads = [], [], []
     for t0 in range(0, trace.num_tokens, block):
         raw = _block_payload(ids[t0:t0 + block], None if miss is None else miss[t0:t0 + block],
                              mode, layout, trace.num_experts)
+        payloads.append(len(raw))
         z = _zstd(raw, level, checksum=checksum)
         if force_zstd or len(z) < len(raw):
             blocks.append([len(z), "zstd"] if checksum else
@@ -87,9 +99,12 @@ def _routes(trace: RoutingTrace, mode: str, layout: str, block: int, level: int,
         else:
             blocks.append([len(raw), "none", zlib.crc32(raw) & 0xFFFFFFFF])
             stored.append(raw)
-    widths = [] if mode == "raw" else widths_of(mode, trace.num_experts, trace.top_k)
-    return ({"mode": mode, "widths": widths, "layout": layout, "block_tokens": block,
-             "blocks": blocks}, b"".join(stored))
+    widths = [] if mode in ("raw", "entropy") else widths_of(mode, trace.num_experts, trace.top_k)
+    meta = {"mode": mode, "widths": widths, "layout": layout, "block_tokens": block,
+            "blocks": blocks}
+    if mode == "entropy":  # the payloads' sizes are not fixed by the shape: the header says them
+        meta["payload_bytes"] = payloads
+    return meta, b"".join(stored)
 
 
 def encode(trace: RoutingTrace, *, mode: str = "auto", level: int = 3, fallback: bool = True,
@@ -98,10 +113,13 @@ def encode(trace: RoutingTrace, *, mode: str = "auto", level: int = 3, fallback:
 
     ``mode``: ``order`` keeps the router's order (lossless for any trace); ``set`` stores each
     row as a set (the trace must be ``topk_order="sorted"``: call ``trace.with_sorted_topk()``
-    when the order does not matter, as in replay); ``auto`` picks ``set`` for sorted traces and
-    ``order`` otherwise; ``ids`` and ``raw`` are the fallbacks for very large E. With
-    ``fallback`` (the default) the routes are stored as zstd over the raw ids whenever that is
-    smaller (layer-major, or token-major in one frame: exactly ``zstd(raw ids)``).
+    when the order does not matter, as in replay); ``entropy`` stores sets too, coded with each
+    layer's expert frequencies (smaller than ``set`` on skewed routes, slower to encode and
+    decode; ``set`` is stored where its tables cannot be built, E - K + 1 > 1024); ``auto``
+    picks ``set`` for sorted traces and ``order`` otherwise; ``ids`` and ``raw`` are the
+    fallbacks for very large E. With ``fallback`` (the default) the routes are stored as zstd
+    over the raw ids whenever that is smaller (layer-major, or token-major in one frame: exactly
+    ``zstd(raw ids)``).
 
     Example:
         >>> import numpy as np
@@ -119,12 +137,21 @@ def encode(trace: RoutingTrace, *, mode: str = "auto", level: int = 3, fallback:
     E, K, T = trace.num_experts, trace.top_k, trace.num_tokens
     if mode == "auto":
         mode = "set" if trace.topk_order == "sorted" else "order"
-    if mode == "set" and trace.topk_order != "sorted":
-        raise ValueError("encode: mode='set' drops the order within each row; pass "
+    if mode in ("set", "entropy") and trace.topk_order != "sorted":
+        raise ValueError(f"encode: mode={mode!r} drops the order within each row; pass "
                          "trace.with_sorted_topk() to say so, or use mode='order'")
+    best = None
+    if mode == "entropy":
+        if entropy.fits(E, K):
+            try:
+                best = _routes(trace, mode, "layer", block_tokens, level, force_zstd=False)
+            except _NotCodable:
+                pass
+        mode = "set"  # what is stored when the entropy coder cannot code these routes
     if mode in ("set", "order") and not mode_fits(mode, E, K):
         mode = "ids"
-    best = _routes(trace, mode, "token", block_tokens, level, force_zstd=mode == "raw")
+    if best is None:
+        best = _routes(trace, mode, "token", block_tokens, level, force_zstd=mode == "raw")
     if fallback and mode != "raw" and T:
         for cand in (("raw", "layer", block_tokens, True), ("raw", "token", T, False)):
             got = _routes(trace, *cand[:3], level, force_zstd=True, checksum=cand[3])
@@ -309,15 +336,19 @@ def _decode_routes(buf: bytes, r: dict[str, Any], T: int, L: int, E: int, K: int
     """``[T, L, K]`` ids from the routes section; blocks decode in parallel, every row checked."""
     mode = r.get("mode")
     layout = r.get("layout")
-    if mode not in ("order", "set", "ids", "raw") or layout not in ("token", "layer") or \
-            (layout == "layer" and mode != "raw"):
-        raise _fail(f"corrupt header: routes stored as mode {mode!r}, layout {layout!r}")
-    if mode == "set" and not sorted_rows:
-        raise _fail("corrupt header: set mode for a trace whose rows are not sorted")
+    layouts = {"order": ("token",), "set": ("token",), "ids": ("token",),
+               "raw": ("token", "layer"), "entropy": ("layer",)}
+    if not isinstance(mode, str) or mode not in layouts or layout not in layouts[mode]:
+        raise _fail(f"corrupt header: routes stored as mode {str(mode)[:40]!r}, layout "
+                    f"{str(layout)[:40]!r}")
+    if mode in ("set", "entropy") and not sorted_rows:
+        raise _fail(f"corrupt header: {mode} mode for a trace whose rows are not sorted")
     widths = r.get("widths")
-    if mode == "raw":
+    if mode in ("raw", "entropy"):
         if widths != []:
-            raise _fail("corrupt header: raw routes have no field widths")
+            raise _fail(f"corrupt header: {mode} routes have no field widths")
+        if mode == "entropy" and not entropy.fits(E, K):
+            raise _fail(f"mode 'entropy' cannot encode E={E}, K={K}")
     else:
         if mode != "ids" and not mode_fits(mode, E, K):
             raise _fail(f"mode {mode!r} cannot encode E={E}, K={K}")
@@ -331,7 +362,24 @@ def _decode_routes(buf: bytes, r: dict[str, Any], T: int, L: int, E: int, K: int
     if not isinstance(blocks, list) or len(blocks) != n_blocks:
         raise _fail(f"corrupt header: {T} tokens in blocks of {bt} need {n_blocks} blocks")
     dtype = id_dtype_for(E)
-    per_token = L * K * dtype.itemsize if mode == "raw" else token_bytes(L, widths)
+    per_token = L * K * dtype.itemsize if mode == "raw" else \
+        0 if mode == "entropy" else token_bytes(L, widths)
+    payloads = r.get("payload_bytes") if mode == "entropy" else None
+    if mode == "entropy" and not (isinstance(payloads, list) and len(payloads) == n_blocks):
+        raise _fail(f"corrupt header: entropy routes need 'payload_bytes' for {n_blocks} blocks, "
+                    f"got {str(payloads)[:40]}")
+    sizes = []
+    for i in range(n_blocks):
+        Tb = min(T, (i + 1) * bt) - i * bt
+        if payloads is None:
+            sizes.append(Tb * per_token)
+            continue
+        p = payloads[i]
+        top = entropy.max_payload(Tb, L, K, E)
+        if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p <= top:
+            raise _fail(f"corrupt header: entropy payload of block {i} should be an int in "
+                        f"[0, {top}], got {str(p)[:40]}")
+        sizes.append(p)
     spans = []
     pos = 0
     for i, b in enumerate(blocks):
@@ -343,7 +391,7 @@ def _decode_routes(buf: bytes, r: dict[str, Any], T: int, L: int, E: int, K: int
             raise _fail(f"corrupt data: checksum mismatch in routes block {i}")
         t0 = i * bt
         t1 = min(T, t0 + bt)
-        size = (t1 - t0) * per_token
+        size = sizes[i]
         if b[1] == "none" and b[0] != size:
             raise _fail(f"corrupt routes block of tokens [{t0}, {t1}): {b[0]} bytes, expected "
                         f"{size}")
@@ -355,7 +403,7 @@ def _decode_routes(buf: bytes, r: dict[str, Any], T: int, L: int, E: int, K: int
             if declared != size:
                 raise _fail(f"corrupt routes block of tokens [{t0}, {t1}): its zstd frame holds "
                             f"{declared} bytes, expected {size}")
-        spans.append((t0, t1, pos, b[0], b[1]))
+        spans.append((t0, t1, pos, b[0], b[1], size))
         pos += b[0]
     if pos != len(buf):
         raise _fail(f"corrupt routes: blocks hold {pos} bytes, the section {len(buf)}")
@@ -363,10 +411,9 @@ def _decode_routes(buf: bytes, r: dict[str, Any], T: int, L: int, E: int, K: int
     out = np.empty((T * L, K), dtype)
     skip = np.zeros(0, bool) if missing is None else missing.ravel()
 
-    def block(span: tuple[int, int, int, int, str]) -> int:
-        t0, t1, off, n, codec = span
+    def block(span: tuple[int, int, int, int, str, int]) -> int:
+        t0, t1, off, n, codec, size = span
         Tb = t1 - t0
-        size = Tb * per_token
         raw = buf[off:off + n]
         if codec == "zstd":
             raw = _unzstd(f"routes block of tokens [{t0}, {t1})", raw, size)
@@ -375,7 +422,15 @@ def _decode_routes(buf: bytes, r: dict[str, Any], T: int, L: int, E: int, K: int
                         f"{size}")
         sk = skip[t0 * L:t1 * L] if skip.shape[0] else skip
         dst = out[t0 * L:t1 * L]
-        if mode == "raw":
+        if mode == "entropy":
+            bad = entropy_kernels.decode_block(raw, Tb, L, E, sk, dst)
+            if bad == entropy.BAD_TABLES:
+                raise _fail(f"corrupt routes block of tokens [{t0}, {t1}): its popularity "
+                            "orders or frequency tables are not valid")
+            if bad == entropy.BAD_STREAM:
+                raise _fail(f"corrupt routes block of tokens [{t0}, {t1}): its rANS stream "
+                            "does not decode to exactly its rows")
+        elif mode == "raw":
             bad = kernels.decode_raw_block(np.frombuffer(raw, dtype), layout == "layer", Tb, L, E,
                                            sorted_rows, sk, dst)
         else:

@@ -7,18 +7,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..cli_output import fail, token_decoder
+
 __all__ = ["placement_command", "report_command"]
-
-
-def _decoder(model: str, tokenizer: str | None) -> Any:
-    from ..cli import _token_decoder
-
-    return _token_decoder(SimpleNamespace(model=model), tokenizer)
 
 
 def _shared(ts: Any) -> dict[str, Any]:
@@ -29,11 +24,6 @@ def _shared(ts: Any) -> dict[str, Any]:
     return {} if first is None else {"model": first.model, "num_experts": first.num_experts}
 
 
-def _fail(err: Console, message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-    return typer.Exit(2)
-
-
 def report_command(*, traces: Path, out_path: Path, vs: Path | None, ep_size: int | None,
                    redundant: int, tokenizer: str | None, overwrite: bool, out: Console,
                    err: Console) -> None:
@@ -42,9 +32,9 @@ def report_command(*, traces: Path, out_path: Path, vs: Path | None, ep_size: in
     from .build import check_placement_args, render_report, write_report
 
     if out_path.exists() and not overwrite:
-        raise _fail(err, f"--out {out_path}: exists; pass --overwrite or choose another file")
+        raise fail(f"--out {out_path}: exists; pass --overwrite or choose another file")
     if out_path.exists() and out_path.is_dir():
-        raise _fail(err, f"--out {out_path}: is a folder; expected an .html file path")
+        raise fail(f"--out {out_path}: is a folder; expected an .html file path")
     try:
         ts = open_traces(traces)
         other = open_traces(vs) if vs is not None else None
@@ -52,9 +42,9 @@ def report_command(*, traces: Path, out_path: Path, vs: Path | None, ep_size: in
         if shared.get("num_experts"):
             check_placement_args(int(shared["num_experts"]), ep_size, redundant)
     except (TraceFileError, PlacementError) as e:
-        raise _fail(err, str(e)) from None
+        raise fail(str(e)) from None
     model = str(shared.get("model") or "")
-    decode = _decoder(model, tokenizer)
+    decode = token_decoder(SimpleNamespace(model=model), tokenizer)
     total = len(ts) + (len(other) if other is not None else 0)
     progress = Progress(TextColumn("report"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("requests"), TimeElapsedColumn(), console=err,
@@ -68,7 +58,7 @@ def report_command(*, traces: Path, out_path: Path, vs: Path | None, ep_size: in
                                  redundant=redundant, decode=decode,
                                  advance=lambda n: progress.advance(task, n))
     except (TraceFileError, PlacementError, ValueError) as e:
-        raise _fail(err, str(e)) from None
+        raise fail(str(e)) from None
     size = write_report(out_path, page)
     out.print(f"wrote {out_path} ({size / 1e6:.2f} MB, {len(ts):,} requests"
               + (f" vs {len(other):,}" if other is not None else "")
@@ -82,7 +72,7 @@ def placement_command(*, traces: Path, ep_size: int, redundant: int, out_path: P
     from ..placement import PlacementError, plan_placement, write_placement
 
     if out_path.exists() and not overwrite:
-        raise _fail(err, f"--out {out_path}: exists; pass --overwrite or choose another file")
+        raise fail(f"--out {out_path}: exists; pass --overwrite or choose another file")
     try:
         summary = summarize(open_traces(traces))
         plan = plan_placement(summary.counts_LE, ep_size, redundant=redundant,
@@ -91,7 +81,7 @@ def placement_command(*, traces: Path, ep_size: int, redundant: int, out_path: P
             num_layers = _num_hidden_layers(summary.model)
         write_placement(plan, out_path, fmt, num_hidden_layers=num_layers)
     except (TraceFileError, PlacementError, ValueError) as e:
-        raise _fail(err, str(e)) from None
+        raise fail(str(e)) from None
     print_placement(plan, out)
     out.print(f"wrote the balanced placement ({fmt} format) to {out_path}")
 
