@@ -238,6 +238,30 @@ def test_ingest_arrays_takes_any_integer_vectors():
     assert s.length("a") == 2 and s.length("b") == 2
     s.check_invariants()
 
+
+def test_more_requests_than_slots_grow_the_slot_arrays():
+    # the per-slot arrays start at 64 slots and grow (one array, its rows re-bound): handles
+    # issued before the growth keep working, a freed request's handle stays refused
+    s = store()
+    n = 150
+    keys = [f"r{i}" for i in range(n)]
+    handles = []
+    for k in keys:
+        s.add_request(k, prompt_len=1)
+        handles.append(s.handle(k))
+    h = np.array(handles, np.int64)
+    for pos in range(6):  # decode steps: 150 segments, one row each, across a block boundary
+        step = rows(*[(i + pos) % 100 for i in range(n)])
+        s.ingest_arrays(step, None, h, np.full(n, pos), np.arange(n), np.ones(n, np.int64))
+    for i in (0, 63, 64, 149):
+        assert firsts(s.take(keys[i])) == [(i + pos) % 100 for pos in range(6)]
+    s.free(keys[70])
+    s.add_request("late", prompt_len=1)  # takes slot 70 back
+    with pytest.raises(StoreError, match="names no request"):
+        s.ingest_arrays(rows(1), None, h[70:71], np.array([6]), np.array([0]), np.array([1]))
+    assert s.length("late") == 0
+    s.check_invariants()
+
 def test_bad_calls_change_nothing():
     s = store()
     s.add_request("a", prompt_len=3)
