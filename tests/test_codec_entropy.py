@@ -13,6 +13,7 @@ import pytest
 import zstandard
 
 from fuzzing import fuzz_rng, report_failure
+from test_codec import _header_and_rest, _with_header
 from routecap import codec
 from routecap.codec import CodecError, decode, encode, entropy, entropy_kernels, inspect
 from routecap.codec import kernels as codec_kernels
@@ -157,16 +158,6 @@ def test_quantise_keeps_every_seen_value_and_the_sum():
 
 
 # ---- hostile payloads -----------------------------------------------------------------------------
-def _header_and_rest(blob):
-    H = struct.unpack_from("<I", blob, 6)[0]
-    return json.loads(blob[10:10 + H]), blob[10 + H:]
-
-
-def _with_header(h, rest):
-    raw = json.dumps(h).encode()
-    return b"RCAP" + struct.pack("<BBI", 1, 0, len(raw)) + raw + rest
-
-
 def _plain(t, **kw):
     """An entropy encoding whose blocks are stored uncompressed (with a CRC-32), so that a test
     can edit the payload and fix the checksum."""
