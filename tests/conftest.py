@@ -11,5 +11,18 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+@pytest.fixture(params=[True, False], ids=["numba", "numpy"])
+def kernels(request, monkeypatch):
+    """The codec's compiled kernels, then its numpy reference."""
+    from routecap.codec import kernels as codec_kernels
+
+    if request.param and not codec_kernels.HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(codec_kernels, "USE_NUMBA", request.param)
+    return request.param

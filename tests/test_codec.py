@@ -41,14 +41,6 @@ SHAPES = [  # (T, L, K, E)
 ]
 
 
-@pytest.fixture(params=[True, False], ids=["numba", "numpy"])
-def kernels(request, monkeypatch):
-    if request.param and not codec_kernels.HAVE_NUMBA:
-        pytest.skip("numba is not installed")
-    monkeypatch.setattr(codec_kernels, "USE_NUMBA", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("T,L,K,E", SHAPES)
 @pytest.mark.parametrize("mode", ["order", "ids", "raw", "set"])
 def test_roundtrip(kernels, T, L, K, E, mode):

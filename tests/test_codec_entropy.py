@@ -39,14 +39,6 @@ def skewed(T, L, K, E, *, seed=0, zipf=1.0, missing=0.0, tokens=True):
         token_ids=np.arange(T, dtype=np.int32) if tokens else None).with_sorted_topk()
 
 
-@pytest.fixture(params=[True, False], ids=["numba", "numpy"])
-def kernels(request, monkeypatch):
-    if request.param and not codec_kernels.HAVE_NUMBA:
-        pytest.skip("numba is not installed")
-    monkeypatch.setattr(codec_kernels, "USE_NUMBA", request.param)
-    return request.param
-
-
 SHAPES = [  # (T, L, K, E): u8 and u16 orders, K = 1, K = E (one gap value), the 1024-value edge
     (40, 3, 4, 16), (60, 4, 8, 128), (30, 2, 8, 256), (20, 2, 6, 300), (9, 2, 1, 2),
     (5, 1, 8, 8), (0, 3, 4, 16), (12, 2, 3, 1026), (3, 1, 1, 1),
