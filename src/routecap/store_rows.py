@@ -31,7 +31,7 @@ from .store_tables import (
     SLOT_TAIL_B,
     SLOT_TAIL_G,
 )
-from .store_words import words_suspect
+from .store_words import copy_check_words, words_suspect
 
 try:  # numba is a dependency; the numpy reference keeps the store usable without it
     import numba as _nb
@@ -286,12 +286,14 @@ def copy_check_runs_py(dst_cells, src_cells, src_words, swar, dst_valid, src_val
     Run q: rows ``[s[q], s[q] + n[q])`` to ``[d[q], d[q] + n[q])``. With ``swar`` (uint8 ids,
     K = 8, E <= 128 or E >= 256) ``src_words`` holds the step's cells as one uint64 each.
 
-    Runs whose step rows follow each other (a decode step's rows, a prefill chunk's blocks) are
-    checked together, up to 32 KB at a time, and then copied while those bytes are in cache.
+    With ``swar`` the rows are checked as they are copied, in one pass
+    (:func:`~routecap.store_words.copy_check_words`), and marked valid once all are good.
+    Otherwise runs whose step rows follow each other (a decode step's rows, a prefill chunk's
+    blocks) are checked together, up to 32 KB at a time, and then copied while in cache.
 
     Returns -1 when every row was stored; else the flat index ``row * L + layer`` of the first
     bad valid cell in run order (an id >= E, or a repeated id), and then every destination row
-    this call wrote is invalid again. The caller guarantees that those rows were invalid before
+    this call wrote is invalid (ids may have been written under it). The caller guarantees that those rows were invalid before
     (fresh blocks, rows past a request's length in its private tail block) and that
     destinations do not overlap.
     """
@@ -307,9 +309,23 @@ def copy_check_runs_py(dst_cells, src_cells, src_words, swar, dst_valid, src_val
     assert not swar or (K == 8 and (E <= 128 or E >= 256) and src_words.shape[0] == N * L)
     for q in range(d.shape[0]):
         assert n[q] >= 0 and s[q] >= 0 and s[q] + n[q] <= N and d[q] >= 0 and d[q] + n[q] <= R
+    vflat = src_valid.reshape(src_valid.size)  # (a dummy when not has_valid)
+    if swar:  # one pass: copy the words and check them; validity once all are good
+        dst_words = dst_cells.reshape(R * L * K).view(np.uint64)
+        if copy_check_words(dst_words, src_words, vflat, has_valid, d, s, n, L, E):
+            for q in range(d.shape[0]):  # the first bad valid cell, in run order
+                for i in range(s[q] * L, (s[q] + n[q]) * L):
+                    if (not has_valid or vflat[i]) and _cell_bad(src_cells, i, K, E):
+                        return i
+            assert False, "copy_check_words flagged a step with no bad cell"
+        for q in range(d.shape[0]):
+            if has_valid:
+                dst_valid[d[q]:d[q] + n[q]] = src_valid[s[q]:s[q] + n[q]]
+            else:
+                dst_valid[d[q]:d[q] + n[q]] = True
+        return -1
     dst_rows = dst_cells.reshape(R, W)
     src_rows = src_cells.reshape(N, W)
-    vflat = src_valid.reshape(src_valid.size)  # (a dummy when not has_valid)
     Q = d.shape[0]
     q0 = 0
     while q0 < Q:
@@ -320,18 +336,10 @@ def copy_check_runs_py(dst_cells, src_cells, src_words, swar, dst_valid, src_val
             c1 += n[q1] * L
             q1 += 1
         bad = -1
-        if swar:
-            if words_suspect(src_words, vflat, has_valid, c0, c1, E):
-                for i in range(c0, c1):
-                    if (not has_valid or src_valid[i // L, i % L]) and _cell_bad(src_cells, i, K, E):
-                        bad = i
-                        break
-                assert bad >= 0
-        else:
-            for i in range(c0, c1):
-                if (not has_valid or src_valid[i // L, i % L]) and _cell_bad(src_cells, i, K, E):
-                    bad = i
-                    break
+        for i in range(c0, c1):
+            if (not has_valid or vflat[i]) and _cell_bad(src_cells, i, K, E):
+                bad = i
+                break
         if bad >= 0:
             _undo_valid(dst_valid, d, n, q0, 0)
             return bad
