@@ -166,6 +166,24 @@ class BlockPool:
         self._mark_taken(bs, clear_valid)
         return bs
 
+    @property
+    def free_stack(self) -> tuple[np.ndarray, int]:
+        """The free stack and its depth, for a compiled caller that takes from its top (see
+        :meth:`took_top`)."""
+        return self._free, self._nfree
+
+    def took_top(self, count: int) -> np.ndarray:
+        """Account for ``count`` blocks that a compiled caller took from the top of the free stack
+        and marked as :meth:`take_free` marks them (referenced once, in use, not lost, last used
+        at ``clock + 1 + i``); returns them (a copy), in take_free's order.
+        """
+        assert self.in_use + len(self._reserved) + count <= self.limit, "took_top() over limit"
+        n = self._nfree
+        bs = self._free[n - count:n].copy()
+        self._nfree = n - count
+        self.clock += count
+        return bs
+
     def _mark_taken(self, bs: np.ndarray, clear_valid: bool) -> None:
         if clear_valid:
             self.valid[bs] = False

@@ -31,16 +31,13 @@ import numpy as np
 from .block_pool import BlockPool
 from .store_rows import (
     _HAVE_NUMBA,
-    SEG_APPEND,
-    SEG_FAST,
-    SEG_FRESH,
     SEG_SLOW,
     STEP_EVENTS,
     STEP_STORED,
-    copy_check_runs,
     first_bad_cell,
     step_fast,
 )
+from .store_fresh import FRESH_FULL, FRESH_GROW, fresh_step
 from .store_resolve import resolve_step
 from .store_tables import _GAP, RequestTables, StoreError, _Request, is_int
 
@@ -72,6 +69,7 @@ class StepIngest:
         self._no_valid = np.zeros((1, num_layers), np.bool_)
         self._no_words = np.zeros(1, np.uint64)
         self._scratch = np.empty((5, 256), np.int64)  # slots, lens, runs: step_fast's output
+        self._fresh_out = np.empty((4, 256), np.int64)  # fresh_step's plan
         # the row check reads 8 one-byte ids as one word when the range test fits (see store_rows)
         self.swar = bool(_HAVE_NUMBA and dtype == np.uint8 and top_k == 8
                          and (num_experts <= 128 or num_experts >= 256))
@@ -204,61 +202,63 @@ class StepIngest:
     def _store_fresh(self, where: str, src: _StepRows, kind: np.ndarray, slots: np.ndarray,
                      starts: np.ndarray, rows: np.ndarray, ns: np.ndarray, clock: int) -> bool:
         """Segments in private tail blocks and fresh blocks at their tables' ends (no cut, no copy
-        on write), when their blocks fit without an eviction: rows checked as they are copied,
-        a refusal gives the fresh blocks back. Returns False (nothing changed) if they do not fit.
+        on write), when their blocks fit without an eviction: one compiled call
+        (:func:`~routecap.store_fresh.fresh_step`), then the new table entries. Returns False
+        (nothing changed) if the blocks do not fit.
         """
-        t, pool, P = self.t, self.pool, self.block_size
-        fi = np.flatnonzero(kind >= SEG_APPEND)  # SEG_APPEND or SEG_FRESH: fresh blocks
-        nblk = -(-ns[fi] // P)
-        need = int(nblk.sum())
-        j0 = starts[fi] // P
-        j1 = j0 + nblk
-        by_slot = t.by_slot
-        reqs = [by_slot[x] for x in slots[fi].tolist()]
+        t, pool = self.t, self.pool
+        S = kind.shape[0]
+        if self._fresh_out.shape[1] < S:
+            self._fresh_out = np.empty((4, 2 * S), np.int64)
+        out = self._fresh_out
+        room = t.limit_for(t.table_bytes) - pool.in_use
+        code, nf, need = self._fresh_call(src, kind, slots, starts, rows, ns, clock, room, False)
         growth = 0
-        if (kind == SEG_FRESH).any():  # SEG_APPEND fits its table by definition
-            growth = sum(t.growth_bytes(q, e) for q, e in zip(reqs, j1.tolist(), strict=True))
-        if not t.fits_without_eviction(need, growth):
-            return False
-        t.make_room(where, 0, growth, _NO_PINS)  # the table bytes; evicts nothing (checked)
-        bs = pool.take_free(need, clear_valid=False)
-        first = np.cumsum(nblk) - nblk
-        last = bs[first + nblk - 1]
-        # the copy marks the rows it writes; the rest of a partly written last block is invalid
-        pool.valid[last[ns[fi] % P != 0]] = False
-        fa = np.flatnonzero(kind == SEG_FAST)
-        fs = slots[fa]
-        fb = t.tail_b[fs]
-        seg = np.repeat(np.arange(fi.size), nblk)
-        k = np.arange(need) - first[seg]
-        d = np.concatenate([fb * P + starts[fa] % P, bs * P])
-        s = np.concatenate([rows[fa], rows[fi][seg] + k * P])
-        n = np.concatenate([ns[fa], np.minimum(P, ns[fi][seg] - k * P)])
-        bad = copy_check_runs(pool.ids_cells, src.cells, src.words, self.swar, pool.valid_rows,
-                              src.valid, src.has_valid, d, s, n, self.num_experts)
-        if bad >= 0:
-            pool.untake(bs)
-            t.table_bytes -= growth
-            pool.limit = t.limit_for(t.table_bytes)
-            self._raise_cell(where, src.ids, bad)
-        end = starts[fa] + ns[fa]
-        t.length[fs] = end
-        t.tail_b[fs] = np.where(end % P == 0, -1, fb)
-        pool.last_use[fb] = clock
-        # the new blocks into the tables: Python per request, on this event only
-        sl = slots[fi]
-        end = starts[fi] + ns[fi]
-        t.length[sl] = end
-        t.tail_b[sl] = np.where(end % P == 0, -1, last)
-        t.tail_g[sl] = pool.gen[last]
+        if code == FRESH_GROW:  # a table grows past its capacity (an event): bytes first
+            growth = sum(t.growth_bytes(t.by_slot[sl], j1) for sl, j1 in
+                         zip(out[0, :nf].tolist(), out[2, :nf].tolist(), strict=True))
+            if not t.fits_without_eviction(need, growth):
+                return False
+            t.make_room(where, 0, growth, _NO_PINS)  # evicts nothing (checked)
+            room = t.limit_for(t.table_bytes) - pool.in_use
+            code, nf, need = self._fresh_call(src, kind, slots, starts, rows, ns, clock, room,
+                                              True)
+        if code != -1:
+            if growth:  # the table bytes back
+                t.table_bytes -= growth
+                pool.limit = t.limit_for(t.table_bytes)
+            if code == FRESH_FULL:
+                return False
+            self._raise_cell(where, src.ids, code)
+        bs = pool.took_top(need)
         gens = pool.gen[bs]
-        for req, a, b, f in zip(reqs, j0.tolist(), j1.tolist(), first.tolist(), strict=True):
-            t.grow(req, b)
-            req.blocks[req.nblocks:a] = _GAP
-            req.blocks[a:b] = bs[f:f + b - a]
-            req.gens[a:b] = gens[f:f + b - a]
+        bl, gl = bs.tolist(), gens.tolist()
+        by_slot = t.by_slot
+        for sl, a, b, f in zip(*out[:, :nf].tolist(), strict=True):
+            req = by_slot[sl]
+            if b > req.capacity:
+                t.grow(req, b)
+            if req.nblocks < a:
+                req.blocks[req.nblocks:a] = _GAP
+            if b - a == 1:
+                req.blocks[a] = bl[f]
+                req.gens[a] = gl[f]
+            else:
+                req.blocks[a:b] = bs[f:f + b - a]
+                req.gens[a:b] = gens[f:f + b - a]
             req.nblocks = b
         return True
+
+    def _fresh_call(self, src: _StepRows, kind: np.ndarray, slots: np.ndarray,
+                    starts: np.ndarray, rows: np.ndarray, ns: np.ndarray, clock: int, room: int,
+                    grow_ok: bool) -> tuple[int, int, int]:
+        pool = self.pool
+        free, nfree = pool.free_stack
+        return fresh_step(kind, slots, starts, rows, ns, self.block_size, self.t.slot_state, free,
+                          nfree, room, grow_ok, pool.refs, pool.in_use_mask, pool.lost,
+                          pool.gen_use, clock, pool.ids_cells, src.cells, src.words, self.swar,
+                          pool.valid_rows, src.valid, src.has_valid, self.num_experts,
+                          self._fresh_out)
 
     def _store_general(self, where: str, src: _StepRows, kind: np.ndarray, slots: np.ndarray,
                        starts: np.ndarray, rows: np.ndarray, ns: np.ndarray, lens: np.ndarray,

@@ -293,9 +293,9 @@ def copy_check_runs_py(dst_cells, src_cells, src_words, swar, dst_valid, src_val
 
     Returns -1 when every row was stored; else the flat index ``row * L + layer`` of the first
     bad valid cell in run order (an id >= E, or a repeated id), and then every destination row
-    this call wrote is invalid (ids may have been written under it). The caller guarantees that those rows were invalid before
-    (fresh blocks, rows past a request's length in its private tail block) and that
-    destinations do not overlap.
+    this call wrote is invalid (ids may have been written under it). The caller guarantees that
+    those rows were invalid before (fresh blocks, rows past a request's length in its private
+    tail block) and that destinations do not overlap.
     """
     L = dst_valid.shape[1]
     K = dst_cells.shape[1]
@@ -317,7 +317,7 @@ def copy_check_runs_py(dst_cells, src_cells, src_words, swar, dst_valid, src_val
                 for i in range(s[q] * L, (s[q] + n[q]) * L):
                     if (not has_valid or vflat[i]) and _cell_bad(src_cells, i, K, E):
                         return i
-            assert False, "copy_check_words flagged a step with no bad cell"
+            raise AssertionError("copy_check_words flagged a step with no bad cell")
         for q in range(d.shape[0]):
             if has_valid:
                 dst_valid[d[q]:d[q] + n[q]] = src_valid[s[q]:s[q] + n[q]]
