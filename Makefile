@@ -31,7 +31,7 @@ demo: $(STAMP)
 # The numba-backed tests, run a second time with numba's bounds checks (read at import, so in a
 # process of their own, with their own cache of compiled kernels): an index past an array then
 # fails a test instead of reading memory at random. -m "" runs their slow part too.
-NUMBA_TESTS := tests/test_codec.py tests/test_codec_entropy.py tests/test_codec_kernels.py tests/test_golden.py tests/test_route_checks.py tests/test_store_rows.py tests/test_store_fresh.py
+NUMBA_TESTS := tests/test_codec.py tests/test_codec_entropy.py tests/test_codec_kernels.py tests/test_golden.py tests/test_route_checks.py tests/test_store_rows.py tests/test_store_step.py
 
 # The whole test suite on every core (pytest-xdist; the multi-process tests fork their ranks from a
 # server that imported torch once), then the transformers-facing part again under transformers

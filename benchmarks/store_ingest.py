@@ -4,7 +4,10 @@ Shapes of Qwen3-30B-A3B's router (48 MoE layers, top-8 of 128 experts: one byte 
 mixes, measured side by side in one run (interleaved repeats, median):
 
 * decode: 256 requests, one row each (256 segments per step), with the segments as a list of
-  tuples (``ingest``) and as integer arrays (``ingest_arrays``: no Python per segment);
+  tuples (``ingest``) and as integer arrays (``ingest_arrays``: no Python per segment); the
+  requests in step with each other (a new block for all of them every 16th step), and
+  staggered as in a running engine's steady state (16 of them start a new block every step,
+  4 finish and are replaced);
 * prefill: 4 requests, 2048-row chunks (8192 rows per step);
 
 and ``take`` of one 32,768-token request (the whole trace, as a trainer reads it).
@@ -64,11 +67,53 @@ def bench_decode_arrays(rng, batch, steps):
     return _side_by_side(step, steps, lambda s: (ingest, np.full(batch, s, np.int64)))
 
 
-def _side_by_side(step, steps, prepare):
-    """Per step: the store's ingest, then one np.copyto of the same bytes; times of each."""
+def bench_decode_staggered(rng, batch, steps, life=64):
+    """ingest_arrays of decode steps in a running engine's steady state: requests at every
+    position of their ``life`` tokens, so each step 1 in ``BLOCK`` of them starts a new block
+    (the fresh path) and 1 in ``life`` finishes and is replaced by a new one (outside the
+    timing), whose blocks come back warm from the free stack. Timed after one ``life`` of
+    steps (the first touch of the pool's pages is not a steady-state cost)."""
+    store = RouteStore(num_experts=E, moe_layers=range(L), top_k=K, block_size=BLOCK,
+                       budget_bytes=2 << 30)
+    warm = _step(rng, life)
+    serial = iter(range(1 << 30))
+    keys = [next(serial) for _ in range(batch)]
+    pos = np.arange(batch, dtype=np.int64) % life
+    for r, key in enumerate(keys):
+        store.add_request(key, prompt_len=1)
+        if pos[r]:
+            store.write(key, 0, warm[:pos[r]])
+    handles = np.array([store.handle(k) for k in keys], np.int64)
+    rows = np.arange(batch, dtype=np.int64)
+    ones = np.ones(batch, np.int64)
+    step = _step(rng, batch)
+
+    def ingest(ids, valid, starts):
+        store.ingest_arrays(ids, valid, handles, starts, rows, ones)
+        pos[:] = starts + 1
+
+    def prepare(_):
+        for r in np.flatnonzero(pos >= life).tolist():
+            store.free(keys[r])
+            keys[r] = next(serial)
+            store.add_request(keys[r], prompt_len=1)
+            handles[r] = store.handle(keys[r])
+            pos[r] = 0
+        return ingest, pos.copy()
+
+    return _side_by_side(step, steps, prepare, warmup=life)
+
+
+def _side_by_side(step, steps, prepare, warmup=0):
+    """Per step: the store's ingest, then one np.copyto of the same bytes; times of each (not of
+    the first ``warmup`` steps)."""
     dst = np.empty_like(step)
     t_store, t_copy = [], []
-    for s in range(steps):
+    for s in range(-warmup, steps):
+        if s < 0:
+            ingest, segments = prepare(s + warmup)
+            ingest(step, None, segments)
+            continue
         ingest, segments = prepare(s)
         t0 = time.perf_counter()
         ingest(step, None, segments)
@@ -136,6 +181,8 @@ def main() -> None:
     if hasattr(RouteStore, "ingest_arrays"):  # (absent before it landed: the "before" runs)
         report("decode, ingest_arrays: 256 x 1 row",
                *bench_decode_arrays(rng, 256, args.repeats * 4))
+        report("decode, staggered: 256 x 1 row", *bench_decode_staggered(rng, 256,
+                                                                         args.repeats * 4))
     report("prefill: 4 requests x 2048 rows", *bench_prefill(rng, 4, 2048, args.repeats))
     report("take: 1 request x 32768 tokens", *bench_take(rng, 32768, args.repeats))
 

@@ -8,14 +8,15 @@ before the call's effects are kept: a refused step leaves every request as it wa
 chosen per step by a compiled classification of its segments
 (:func:`~routecap.store_rows.classify_segments`):
 
-1. every segment writes inside its request's private tail block (a decode step, but one in P):
-   one compiled call (:func:`~routecap.store_rows.step_fast`) maps request handles to slots,
-   classifies, checks each row and copies it into the pool, and commits the lengths;
-2. the rest start fresh blocks at their tables' ends (a decode step at a block boundary, prefill
-   chunks) and those fit without an eviction: the blocks are taken as one slice of the free
-   stack (:meth:`~routecap.block_pool.BlockPool.take_free`), the rows are checked as they are
-   copied (:func:`~routecap.store_rows.copy_check_runs`) and a bad row gives the blocks back;
-   the tables take their new entries (Python per request: an event);
+1. every segment writes inside its request's private tail block (a decode step, but one in P),
+   or starts new blocks at its table's end (a decode step at a block boundary, prefill chunks)
+   that fit without an eviction or a table growing: one compiled call
+   (:func:`~routecap.store_step.step_fast`) maps request handles to slots, classifies, takes the
+   new blocks from the top of the free stack, checks each row as it copies it into the pool, and
+   commits the lengths and the blocks' state; Python then writes the new blocks' table entries
+   (a few array stores per request that got one);
+2. the same with a table growing past its capacity (an event: its bytes are counted first):
+   :func:`~routecap.store_step.fresh_step` again, once the bytes fit;
 3. anything else (copy on write, cuts, gaps, evicted blocks, a request named twice, a step that
    must evict): the rows are checked first, room is reserved once for the step, the tables are
    resolved per request, and the rows move with one compiled scatter.
@@ -32,12 +33,18 @@ from .block_pool import BlockPool
 from .store_rows import (
     _HAVE_NUMBA,
     SEG_SLOW,
-    STEP_EVENTS,
-    STEP_STORED,
     first_bad_cell,
+)
+from .store_step import (
+    FRESH_FULL,
+    FRESH_GROW,
+    STEP_BAD_CELL,
+    STEP_EVENTS,
+    STEP_FRESH,
+    STEP_STORED,
+    fresh_step,
     step_fast,
 )
-from .store_fresh import FRESH_FULL, FRESH_GROW, fresh_step
 from .store_resolve import resolve_step
 from .store_tables import _GAP, RequestTables, StoreError, _Request, is_int
 
@@ -148,7 +155,8 @@ class StepIngest:
     def store_step(self, where: str, ids_NLK: np.ndarray, valid_NL: np.ndarray | None,
                    handles: np.ndarray, from_handles: bool, starts: np.ndarray, rows: np.ndarray,
                    ns: np.ndarray, seek: bool) -> None:
-        """Store one step: one compiled call unless a segment needs an event (a new block...)."""
+        """Store one step: one compiled call unless a table grows, a block is evicted, or a
+        segment needs more than a private tail block or new blocks at its table's end."""
         t, pool, P = self.t, self.pool, self.block_size
         N, L, K = ids_NLK.shape
         S = handles.shape[0]
@@ -160,20 +168,28 @@ class StepIngest:
         words = np.frombuffer(ids, np.uint64) if self.swar else self._no_words
         if S > self._scratch.shape[1]:
             self._scratch = np.empty((5, 2 * S), np.int64)
+        if S > self._fresh_out.shape[1]:
+            self._fresh_out = np.empty((4, 2 * S), np.int64)
         kind = np.empty(S, np.int8)
         clock = pool.tick()
+        free, nfree = pool.free_stack
+        room = t.limit_for(t.table_bytes) - (pool.num_blocks - nfree)  # blocks, no eviction
         r = step_fast(handles, from_handles, t.slot_state, starts, rows, ns, seek, pool.gen_use,
                       pool.refs, pool.published, P, self._scratch, kind, pool.ids_cells,
                       cells, words, self.swar, pool.valid_rows, valid, has_valid,
-                      self.num_experts, clock)
+                      self.num_experts, clock, free, nfree, room, pool.in_use_mask, pool.lost,
+                      self._fresh_out)
         if r == STEP_STORED:
+            return
+        if r == STEP_FRESH:
+            self._new_entries(int(self._scratch[2, 0]), int(self._scratch[3, 0]), False)
             return
         src = _StepRows(ids, cells, words, valid, has_valid)
         slots, lens = self._scratch[:2, :S].copy()  # (the scratch is reused by the next step)
         if r >= 0:
             self._raise_segment(where, r, handles, slots, starts, rows, ns, lens, N)
         if r != STEP_EVENTS:
-            self._raise_cell(where, ids, -3 - r)
+            self._raise_cell(where, ids, STEP_BAD_CELL - r)
         if not (kind == SEG_SLOW).any() and self._store_fresh(where, src, kind, slots, starts,
                                                                rows, ns, clock):
             return
@@ -203,18 +219,16 @@ class StepIngest:
                      starts: np.ndarray, rows: np.ndarray, ns: np.ndarray, clock: int) -> bool:
         """Segments in private tail blocks and fresh blocks at their tables' ends (no cut, no copy
         on write), when their blocks fit without an eviction: one compiled call
-        (:func:`~routecap.store_fresh.fresh_step`), then the new table entries. Returns False
+        (:func:`~routecap.store_step.fresh_step`), then the new table entries. Returns False
         (nothing changed) if the blocks do not fit.
         """
         t, pool = self.t, self.pool
-        S = kind.shape[0]
-        if self._fresh_out.shape[1] < S:
-            self._fresh_out = np.empty((4, 2 * S), np.int64)
         out = self._fresh_out
         room = t.limit_for(t.table_bytes) - pool.in_use
         code, nf, need = self._fresh_call(src, kind, slots, starts, rows, ns, clock, room, False)
         growth = 0
-        if code == FRESH_GROW:  # a table grows past its capacity (an event): bytes first
+        grow_ok = code == FRESH_GROW
+        if grow_ok:  # a table grows past its capacity (an event): bytes first
             growth = sum(t.growth_bytes(t.by_slot[sl], j1) for sl, j1 in
                          zip(out[0, :nf].tolist(), out[2, :nf].tolist(), strict=True))
             if not t.fits_without_eviction(need, growth):
@@ -230,24 +244,35 @@ class StepIngest:
             if code == FRESH_FULL:
                 return False
             self._raise_cell(where, src.ids, code)
-        bs = pool.took_top(need)
-        gens = pool.gen[bs]
-        bl, gl = bs.tolist(), gens.tolist()
+        self._new_entries(nf, need, grow_ok)
+        return True
+
+    def _new_entries(self, nf: int, need: int, grow_ok: bool) -> None:
+        """The table entries of a step that :func:`~routecap.store_step.fresh_step` stored: the
+        plan's ``nf`` fresh segments got the top ``need`` blocks of the free stack."""
+        t = self.t
+        bs = self.pool.took_top(need)
+        gens = self.pool.gen[bs]
         by_slot = t.by_slot
-        for sl, a, b, f in zip(*out[:, :nf].tolist(), strict=True):
+        plan = self._fresh_out[:, :nf].tolist()
+        if need == nf and not grow_ok:  # one block each, within the tables (decode steps)
+            for sl, a, b, g in zip(plan[0], plan[1], bs.tolist(), gens.tolist(), strict=True):
+                req = by_slot[sl]
+                if req.nblocks < a:
+                    req.blocks[req.nblocks:a] = _GAP
+                req.blocks[a] = b
+                req.gens[a] = g
+                req.nblocks = a + 1
+            return
+        for sl, a, b, f in zip(*plan, strict=True):
             req = by_slot[sl]
-            if b > req.capacity:
+            if grow_ok and b > req.capacity:
                 t.grow(req, b)
             if req.nblocks < a:
                 req.blocks[req.nblocks:a] = _GAP
-            if b - a == 1:
-                req.blocks[a] = bl[f]
-                req.gens[a] = gl[f]
-            else:
-                req.blocks[a:b] = bs[f:f + b - a]
-                req.gens[a:b] = gens[f:f + b - a]
+            req.blocks[a:b] = bs[f:f + b - a]
+            req.gens[a:b] = gens[f:f + b - a]
             req.nblocks = b
-        return True
 
     def _fresh_call(self, src: _StepRows, kind: np.ndarray, slots: np.ndarray,
                     starts: np.ndarray, rows: np.ndarray, ns: np.ndarray, clock: int, room: int,

@@ -10,10 +10,10 @@ one 64-bit word (SWAR, vectorised: :mod:`routecap.store_words`; 0.8 to 2 copies 
 bytes on the benchmark machine); other shapes use a general compiled loop;
 :func:`first_bad_cell_reference` is the plain numpy definition both are tested against.
 
-The per-step kernels live here too: :func:`classify_segments` (what storing each segment takes),
-:func:`step_fast` (a whole step whose rows all go into private tail blocks, in one call),
-:func:`copy_check_runs` (rows checked, then copied into the pool while in cache; a refusal
-undoes what was written), and the plain scatter of the general path. Every kernel asserts its
+The per-step kernels that :mod:`routecap.store_step` builds on live here too:
+:func:`classify_segments` (what storing each segment takes), :func:`copy_check_runs` (rows
+checked as they are copied into the pool; a refusal leaves them invalid), and the plain scatter
+of the general path. Every kernel asserts its
 contract (shapes, run bounds) at its boundary; the tests run them under ``NUMBA_BOUNDSCHECK=1``.
 """
 
@@ -21,16 +21,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .store_tables import (
-    SLOT_CAP,
-    SLOT_LENGTH,
-    SLOT_LIVE,
-    SLOT_MARK,
-    SLOT_ROWS,
-    SLOT_SERIAL,
-    SLOT_TAIL_B,
-    SLOT_TAIL_G,
-)
 from .store_words import copy_check_words, words_suspect
 
 try:  # numba is a dependency; the numpy reference keeps the store usable without it
@@ -363,95 +353,3 @@ if _HAVE_NUMBA:
     copy_check_runs = _nb.njit(cache=True, nogil=True)(copy_check_runs_py)
 else:  # pragma: no cover
     copy_check_runs = copy_check_runs_py
-
-#: :func:`step_fast` results besides ``i * 4 + code`` (a bad segment, code 0: no such request)
-STEP_STORED, STEP_EVENTS = -1, -2
-
-
-def step_fast_py(handles, from_handles, slot_state, starts, rows, ns, seek, gen_use, refs,
-                 published, P, scratch, kind, dst_cells, src_cells, src_words, swar, dst_valid,
-                 src_valid, has_valid, E, clock):  # noqa: PLR0913
-    """One engine step in one compiled call when no segment needs an event (a new block...).
-
-    ``slot_state`` holds the per-request arrays by slot (rows ``SLOT_*`` of
-    :mod:`routecap.store_tables`: serial, live, length, tail block and generation, table
-    capacity, mark), ``gen_use`` the blocks' generations and last uses (rows 0 and 1), and
-    ``scratch`` ``[5, >= S]`` receives slots, lens and the runs ``d``/``s``/``n`` (few arguments:
-    each costs dispatch time on every step).
-
-    Maps ``handles`` (``serial << 32 | slot``, checked against ``serial``/``live``, when
-    ``from_handles``; else they are slots) into ``slots``, then classifies the segments
-    (:func:`classify_segments`, filling ``kind``/``lens``). If every segment is
-    :data:`SEG_FAST` or :data:`SEG_NOOP`, copies and checks their rows
-    (:func:`copy_check_runs`, runs in ``d``/``s``/``n``) and commits the requests' lengths,
-    tails and the blocks' last use. Returns :data:`STEP_STORED`; :data:`STEP_EVENTS` (nothing
-    changed: the caller resolves the step); ``i * 4 + code`` for a bad segment i (code 0 a
-    handle naming no request, 1-3 as :func:`classify_segments`); or ``-3 - cell`` for a bad cell
-    (nothing changed).
-    """
-    S = handles.shape[0]
-    M = slot_state.shape[1]
-    B = gen_use.shape[1]
-    L = dst_valid.shape[1]
-    N = src_cells.shape[0] // L
-    assert slot_state.shape[0] == SLOT_ROWS and gen_use.shape[0] == 2 and scratch.shape[0] == 5
-    assert (starts.shape[0] == S and rows.shape[0] == S and ns.shape[0] == S
-            and kind.shape[0] == S and scratch.shape[1] >= S)
-    assert refs.shape[0] == B and published.shape[0] == B
-    assert dst_valid.shape[0] == B * P and P >= 1
-    serial = slot_state[SLOT_SERIAL]
-    live = slot_state[SLOT_LIVE]
-    length = slot_state[SLOT_LENGTH]
-    tail_b = slot_state[SLOT_TAIL_B]
-    tail_g = slot_state[SLOT_TAIL_G]
-    cap = slot_state[SLOT_CAP]
-    mark = slot_state[SLOT_MARK]
-    gen = gen_use[0]
-    last_use = gen_use[1]
-    slots = scratch[0, :S]
-    lens = scratch[1, :S]
-    d = scratch[2, :S]
-    s = scratch[3, :S]
-    n = scratch[4, :S]
-    for i in range(S):
-        h = handles[i]
-        if from_handles:
-            sl = h & 0xFFFFFFFF
-            if h < 0 or sl >= M or (h >> 32) != serial[sl] or live[sl] == 0:
-                return i * 4
-        else:
-            sl = h
-            assert 0 <= sl < M and live[sl] != 0
-        slots[i] = sl
-    code = classify_segments(slots, starts, rows, ns, N, length, tail_b, tail_g, cap, gen, refs,
-                             published, P, seek, kind, lens, mark)
-    if code >= 0:
-        return code
-    k = 0
-    for i in range(S):
-        if kind[i] == SEG_FAST:
-            d[k] = tail_b[slots[i]] * P + starts[i] % P
-            s[k] = rows[i]
-            n[k] = ns[i]
-            k += 1
-        elif kind[i] != SEG_NOOP:
-            return STEP_EVENTS
-    bad = copy_check_runs(dst_cells, src_cells, src_words, swar, dst_valid, src_valid,
-                          has_valid, d[:k], s[:k], n[:k], E)
-    if bad >= 0:
-        return -3 - bad
-    for i in range(S):
-        if kind[i] == SEG_FAST:
-            sl = slots[i]
-            last_use[tail_b[sl]] = clock
-            end = starts[i] + ns[i]
-            length[sl] = end
-            if end % P == 0:
-                tail_b[sl] = -1
-    return STEP_STORED
-
-
-if _HAVE_NUMBA:
-    step_fast = _nb.njit(cache=True, nogil=True)(step_fast_py)
-else:  # pragma: no cover
-    step_fast = step_fast_py

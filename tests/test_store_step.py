@@ -1,4 +1,4 @@
-"""The store's compiled step with new blocks (store_fresh.fresh_step): against its plain twin on a
+"""The store's compiled step with new blocks (store_step: fresh_step, step_fast): against its plain twin on a
 simulated engine's steps, against the general path, and what a refusal leaves (nothing)."""
 
 from __future__ import annotations
@@ -8,8 +8,16 @@ import pytest
 from scheduler_sim import simulate
 
 import routecap.store_ingest as store_ingest
+import routecap.store_step as store_step
 from routecap.store import RouteStore, StoreError
-from routecap.store_fresh import FRESH_FULL, FRESH_GROW, fresh_step_py
+from routecap.store_step import (
+    FRESH_FULL,
+    FRESH_GROW,
+    STEP_EVENTS,
+    STEP_FRESH,
+    STEP_STORED,
+    fresh_step_py,
+)
 
 
 def _state(s):
@@ -22,34 +30,49 @@ def _state(s):
             pool.gen_use.tolist(), pool.valid.tolist(), s.nbytes)
 
 
-@pytest.mark.parametrize("shape", [(8, 128), (8, 256), (2, 16), (3, 300)])
-def test_fresh_step_matches_its_plain_twin(monkeypatch, shape):
-    # every fresh_step call of a simulated engine (chunked prefill, decode at block boundaries,
-    # speculative decoding, evictions) is also run by the plain Python function on copies of its
-    # arguments: the same answer and the same state after
-    K, E = shape
-    compiled = store_ingest.fresh_step
-    seen = {"calls": 0, "codes": set()}
+def _twin(compiled, plain, seen, **plain_globals):
+    """``compiled``, and ``plain`` on copies of the arguments (its module's globals patched as
+    given, for that call only): the same answer and every array the same after."""
 
     def both(*args):
         copies = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
         got = compiled(*args)
-        want = fresh_step_py(*copies)
-        assert tuple(got) == tuple(want)
-        code, nf = want[0], want[1]
-        for a, c in zip(args[:-1], copies[:-1], strict=True):
-            if isinstance(a, np.ndarray):
-                assert (a == c).all()
-        assert (args[-1][:, :nf] == copies[-1][:, :nf]).all()  # the plan
-        seen["calls"] += 1
-        seen["codes"].add(code if code < 0 else "bad")
+        saved = {k: getattr(store_step, k) for k in plain_globals}
+        try:
+            for k, v in plain_globals.items():
+                setattr(store_step, k, v)
+            want = plain(*copies)
+        finally:
+            for k, v in saved.items():
+                setattr(store_step, k, v)
+        assert got == want
+        for x, c in zip(args, copies, strict=True):
+            if isinstance(x, np.ndarray):
+                assert (x == c).all()
+        seen.append(want if np.ndim(want) == 0 else want[0])
         return got
 
-    monkeypatch.setattr(store_ingest, "fresh_step", both)
+    return both
+
+
+@pytest.mark.parametrize("shape", [(8, 128), (8, 256), (2, 16), (3, 300)])
+def test_the_step_kernels_match_their_plain_twins(monkeypatch, shape):
+    # every step_fast call of a simulated engine (chunked prefill, decode at block boundaries,
+    # speculative decoding, evictions), and every fresh_step call of the store's event path, is
+    # also run by the plain Python function (step_fast's with the plain fresh_step in it) on
+    # copies of its arguments: the same answer and the same state after
+    K, E = shape
+    steps, fresh = [], []
+    monkeypatch.setattr(store_ingest, "step_fast", _twin(
+        store_step.step_fast, store_step.step_fast_py, steps, fresh_step=fresh_step_py))
+    monkeypatch.setattr(store_ingest, "fresh_step", _twin(
+        store_step.fresh_step, fresh_step_py, fresh))
     for seed in range(3):
         st = simulate(seed, 80, ranks=1, L=2, K=K, E=E, budget_blocks=30 if seed else None)
         assert st.wrong_cells == 0 and st.checked_cells > 0
-    assert seen["calls"] > 50 and -1 in seen["codes"], seen
+    # (every outcome: stored in tail blocks, stored with new blocks, events; grown tables)
+    assert {STEP_STORED, STEP_FRESH, STEP_EVENTS} <= set(steps), set(steps)
+    assert FRESH_GROW in fresh and -1 in fresh, set(fresh)
 
 
 def _random_steps(rng, n_steps, L, K, E, P):

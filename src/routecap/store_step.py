@@ -3,7 +3,7 @@
 Shape legend: S segments of the step, P block size, L MoE layers, K top-k, B pool blocks.
 
 A decode step at a block boundary and a prefill chunk both end here (after
-:func:`~routecap.store_rows.step_fast` found a segment that is not :data:`SEG_FAST`). When no
+:func:`~routecap.store_step.step_fast` found a segment that is not :data:`SEG_FAST`). When no
 segment needs anything else (:data:`SEG_SLOW`: copy on write, cuts, gaps...), one call of
 :func:`fresh_step` plans the new blocks, takes them from the top of the free stack, checks and
 copies the rows (:func:`~routecap.store_rows.copy_check_runs`) and commits the pool's and the
@@ -15,8 +15,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from .store_rows import SEG_APPEND, SEG_FAST, SEG_FRESH, SEG_NOOP, copy_check_runs
-from .store_tables import SLOT_CAP, SLOT_LENGTH, SLOT_ROWS, SLOT_TAIL_B, SLOT_TAIL_G
+from .store_rows import (
+    SEG_APPEND,
+    SEG_FAST,
+    SEG_FRESH,
+    SEG_NOOP,
+    classify_segments,
+    copy_check_runs,
+)
+from .store_tables import (
+    SLOT_CAP,
+    SLOT_LENGTH,
+    SLOT_LIVE,
+    SLOT_MARK,
+    SLOT_ROWS,
+    SLOT_SERIAL,
+    SLOT_TAIL_B,
+    SLOT_TAIL_G,
+)
 
 try:  # numba is a dependency; the plain function keeps the store usable without it
     import numba as _nb
@@ -25,7 +41,8 @@ try:  # numba is a dependency; the plain function keeps the store usable without
 except ImportError:  # pragma: no cover
     _HAVE_NUMBA = False
 
-__all__ = ["FRESH_FULL", "FRESH_GROW", "fresh_step"]
+__all__ = ["FRESH_FULL", "FRESH_GROW", "STEP_EVENTS", "STEP_FRESH", "STEP_STORED", "fresh_step",
+           "step_fast"]
 
 #: :func:`fresh_step` codes besides -1 (stored) and a bad cell (>= 0); nothing changed with them
 FRESH_GROW, FRESH_FULL = -2, -3
@@ -143,3 +160,117 @@ if _HAVE_NUMBA:
     fresh_step = _nb.njit(cache=True, nogil=True)(fresh_step_py)
 else:  # pragma: no cover
     fresh_step = fresh_step_py
+
+
+#: :func:`step_fast` results besides ``i * 4 + code`` (a bad segment, code 0: no such request)
+#: and ``STEP_BAD_CELL - cell`` (a bad cell; nothing changed)
+STEP_STORED, STEP_EVENTS, STEP_FRESH, STEP_BAD_CELL = -1, -2, -3, -4
+
+
+def step_fast_py(handles, from_handles, slot_state, starts, rows, ns, seek, gen_use, refs,
+                 published, P, scratch, kind, dst_cells, src_cells, src_words, swar, dst_valid,
+                 src_valid, has_valid, E, clock, free, nfree, room, in_use, lost,
+                 out):  # noqa: PLR0913
+    """One engine step in one compiled call unless a segment needs more than new blocks.
+
+    ``slot_state`` holds the per-request arrays by slot (rows ``SLOT_*`` of
+    :mod:`routecap.store_tables`: serial, live, length, tail block and generation, table
+    capacity, mark), ``gen_use`` the blocks' generations and last uses (rows 0 and 1), and
+    ``scratch`` ``[5, >= S]`` receives slots, lens and the runs ``d``/``s``/``n`` (few arguments:
+    each costs dispatch time on every step).
+
+    Maps ``handles`` (``serial << 32 | slot``, checked against ``serial``/``live``, when
+    ``from_handles``; else they are slots) into ``slots``, then classifies the segments
+    (:func:`classify_segments`, filling ``kind``/``lens``). If every segment is
+    :data:`SEG_FAST` or :data:`SEG_NOOP`, copies and checks their rows
+    (:func:`copy_check_runs`, runs in ``d``/``s``/``n``) and commits the requests' lengths,
+    tails and the blocks' last use: :data:`STEP_STORED`. If some are :data:`SEG_APPEND` or
+    :data:`SEG_FRESH` too, :func:`fresh_step` stores the step when its new blocks fit in
+    ``room`` without a table growing: :data:`STEP_FRESH`, with the plan in ``out`` and the
+    number of fresh segments and of blocks taken from the free stack in ``scratch[2, 0]`` and
+    ``scratch[3, 0]`` (the caller then writes the table entries). Else :data:`STEP_EVENTS`
+    (nothing changed: the caller resolves the step); ``i * 4 + code`` for a bad segment i (code
+    0 a handle naming no request, 1-3 as :func:`classify_segments`); or
+    ``STEP_BAD_CELL - cell`` for a bad cell (nothing changed).
+    """
+    S = handles.shape[0]
+    M = slot_state.shape[1]
+    B = gen_use.shape[1]
+    L = dst_valid.shape[1]
+    N = src_cells.shape[0] // L
+    assert slot_state.shape[0] == SLOT_ROWS and gen_use.shape[0] == 2 and scratch.shape[0] == 5
+    assert (starts.shape[0] == S and rows.shape[0] == S and ns.shape[0] == S
+            and kind.shape[0] == S and scratch.shape[1] >= S)
+    assert refs.shape[0] == B and published.shape[0] == B
+    assert dst_valid.shape[0] == B * P and P >= 1
+    serial = slot_state[SLOT_SERIAL]
+    live = slot_state[SLOT_LIVE]
+    length = slot_state[SLOT_LENGTH]
+    tail_b = slot_state[SLOT_TAIL_B]
+    tail_g = slot_state[SLOT_TAIL_G]
+    cap = slot_state[SLOT_CAP]
+    mark = slot_state[SLOT_MARK]
+    gen = gen_use[0]
+    last_use = gen_use[1]
+    slots = scratch[0, :S]
+    lens = scratch[1, :S]
+    d = scratch[2, :S]
+    s = scratch[3, :S]
+    n = scratch[4, :S]
+    for i in range(S):
+        h = handles[i]
+        if from_handles:
+            sl = h & 0xFFFFFFFF
+            if h < 0 or sl >= M or (h >> 32) != serial[sl] or live[sl] == 0:
+                return i * 4
+        else:
+            sl = h
+            assert 0 <= sl < M and live[sl] != 0
+        slots[i] = sl
+    code = classify_segments(slots, starts, rows, ns, N, length, tail_b, tail_g, cap, gen, refs,
+                             published, P, seek, kind, lens, mark)
+    if code >= 0:
+        return code
+    k = 0
+    fresh = False
+    for i in range(S):
+        if kind[i] == SEG_FAST:
+            d[k] = tail_b[slots[i]] * P + starts[i] % P
+            s[k] = rows[i]
+            n[k] = ns[i]
+            k += 1
+        elif kind[i] == SEG_APPEND or kind[i] == SEG_FRESH:
+            fresh = True
+        elif kind[i] != SEG_NOOP:
+            return STEP_EVENTS
+    if fresh:
+        code, nf, need = fresh_step(kind, slots, starts, rows, ns, P, slot_state, free, nfree,
+                                    room, False, refs, in_use, lost, gen_use, clock, dst_cells,
+                                    src_cells, src_words, swar, dst_valid, src_valid, has_valid,
+                                    E, out)
+        if code >= 0:
+            return STEP_BAD_CELL - code
+        if code != -1:
+            return STEP_EVENTS  # a table grows, or the blocks need an eviction
+        scratch[2, 0] = nf
+        scratch[3, 0] = need
+        return STEP_FRESH
+    bad = copy_check_runs(dst_cells, src_cells, src_words, swar, dst_valid, src_valid,
+                          has_valid, d[:k], s[:k], n[:k], E)
+    if bad >= 0:
+        return STEP_BAD_CELL - bad
+    for i in range(S):
+        if kind[i] == SEG_FAST:
+            sl = slots[i]
+            last_use[tail_b[sl]] = clock
+            end = starts[i] + ns[i]
+            length[sl] = end
+            if end % P == 0:
+                tail_b[sl] = -1
+    return STEP_STORED
+
+
+if _HAVE_NUMBA:
+    step_fast = _nb.njit(cache=True, nogil=True)(step_fast_py)
+else:  # pragma: no cover
+    step_fast = step_fast_py
