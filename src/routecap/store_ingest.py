@@ -178,11 +178,11 @@ class StepIngest:
                       pool.refs, pool.published, P, self._scratch, kind, pool.ids_cells,
                       cells, words, self.swar, pool.valid_rows, valid, has_valid,
                       self.num_experts, clock, free, nfree, room, pool.in_use_mask, pool.lost,
-                      self._fresh_out)
+                      self._fresh_out, t.slab.entries)
         if r == STEP_STORED:
             return
-        if r == STEP_FRESH:
-            self._new_entries(int(self._scratch[2, 0]), int(self._scratch[3, 0]), False)
+        if r == STEP_FRESH:  # (blocks marked taken and table entries written by the kernel)
+            pool.took_top(int(self._scratch[3, 0]))
             return
         src = _StepRows(ids, cells, words, valid, has_valid)
         slots, lens = self._scratch[:2, :S].copy()  # (the scratch is reused by the next step)
@@ -244,30 +244,22 @@ class StepIngest:
             if code == FRESH_FULL:
                 return False
             self._raise_cell(where, src.ids, code)
-        self._new_entries(nf, need, grow_ok)
+        if grow_ok:
+            self._new_entries(nf, need)
+        else:  # (the kernel wrote the entries)
+            pool.took_top(need)
         return True
 
-    def _new_entries(self, nf: int, need: int, grow_ok: bool) -> None:
-        """The table entries of a step that :func:`~routecap.store_step.fresh_step` stored: the
-        plan's ``nf`` fresh segments got the top ``need`` blocks of the free stack."""
+    def _new_entries(self, nf: int, need: int) -> None:
+        """The tables of a step that :func:`~routecap.store_step.fresh_step` stored with
+        ``grow_ok``: grown, and the new entries (the plan's ``nf`` fresh segments got the top
+        ``need`` blocks of the free stack)."""
         t = self.t
         bs = self.pool.took_top(need)
         gens = self.pool.gen[bs]
-        by_slot = t.by_slot
-        plan = self._fresh_out[:, :nf].tolist()
-        if need == nf and not grow_ok:  # one block each, within the tables (decode steps)
-            for sl, a, b, g in zip(plan[0], plan[1], bs.tolist(), gens.tolist(), strict=True):
-                req = by_slot[sl]
-                if req.nblocks < a:
-                    req.blocks[req.nblocks:a] = _GAP
-                req.blocks[a] = b
-                req.gens[a] = g
-                req.nblocks = a + 1
-            return
-        for sl, a, b, f in zip(*plan, strict=True):
-            req = by_slot[sl]
-            if grow_ok and b > req.capacity:
-                t.grow(req, b)
+        for sl, a, b, f in zip(*self._fresh_out[:, :nf].tolist(), strict=True):
+            req = t.by_slot[sl]
+            t.grow(req, b)
             if req.nblocks < a:
                 req.blocks[req.nblocks:a] = _GAP
             req.blocks[a:b] = bs[f:f + b - a]
@@ -283,7 +275,7 @@ class StepIngest:
                           nfree, room, grow_ok, pool.refs, pool.in_use_mask, pool.lost,
                           pool.gen_use, clock, pool.ids_cells, src.cells, src.words, self.swar,
                           pool.valid_rows, src.valid, src.has_valid, self.num_experts,
-                          self._fresh_out)
+                          self._fresh_out, self.t.slab.entries)
 
     def _store_general(self, where: str, src: _StepRows, kind: np.ndarray, slots: np.ndarray,
                        starts: np.ndarray, rows: np.ndarray, ns: np.ndarray, lens: np.ndarray,

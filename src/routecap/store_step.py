@@ -24,10 +24,13 @@ from .store_rows import (
     copy_check_runs,
 )
 from .store_tables import (
+    _GAP,
     SLOT_CAP,
     SLOT_LENGTH,
     SLOT_LIVE,
     SLOT_MARK,
+    SLOT_NBLOCKS,
+    SLOT_OFF,
     SLOT_ROWS,
     SLOT_SERIAL,
     SLOT_TAIL_B,
@@ -50,7 +53,7 @@ FRESH_GROW, FRESH_FULL = -2, -3
 
 def fresh_step_py(kind, slots, starts, rows, ns, P, slot_state, free, nfree, room, grow_ok,
                   refs, in_use, lost, gen_use, clock, dst_cells, src_cells, src_words, swar,
-                  dst_valid, src_valid, has_valid, E, out):  # noqa: PLR0913
+                  dst_valid, src_valid, has_valid, E, out, entries):  # noqa: PLR0913
     """Store a step of :data:`SEG_FAST`, :data:`SEG_APPEND`, :data:`SEG_FRESH` and
     :data:`SEG_NOOP` segments (kinds from :func:`~routecap.store_rows.classify_segments`).
 
@@ -60,7 +63,9 @@ def fresh_step_py(kind, slots, starts, rows, ns, P, slot_state, free, nfree, roo
     segment order, its slot, first and end table entries and that first index.
 
     Returns ``(code, fresh segments, need)``, code: -1 stored (blocks referenced, LRU clock
-    ``clock + 1 + i`` for the i-th, validity, lengths, tails); :data:`FRESH_GROW` when a table
+    ``clock + 1 + i`` for the i-th, validity, lengths, tails; unless ``grow_ok``, the new table
+    entries too, in the tables' slab ``entries``: else the caller grows the tables and writes
+    them); :data:`FRESH_GROW` when a table
     must grow past its capacity and not ``grow_ok`` (the caller accounts for the bytes first);
     :data:`FRESH_FULL` when ``need > room`` (the blocks do not fit without an eviction); or the
     flat ``row * L + layer`` of the first bad valid cell. Nothing but ids under invalid rows
@@ -152,6 +157,18 @@ def fresh_step_py(kind, slots, starts, rows, ns, P, slot_state, free, nfree, roo
             length[sl] = end
             tail_b[sl] = -1 if r == 0 else last
             tail_g[sl] = gen[last]
+            if not grow_ok:  # the table entries: within the request's region (no growth)
+                off = slot_state[SLOT_OFF, sl]
+                a = out[1, j]
+                nb = slot_state[SLOT_NBLOCKS, sl]
+                assert nb <= a and out[2, j] <= cap[sl] and off + cap[sl] <= entries.shape[1]
+                for e in range(nb, a):
+                    entries[0, off + e] = _GAP
+                for k in range(out[2, j] - a):
+                    b = free[base + out[3, j] + k]
+                    entries[0, off + a + k] = b
+                    entries[1, off + a + k] = gen[b]
+                slot_state[SLOT_NBLOCKS, sl] = out[2, j]
             j += 1
     return -1, nf, need
 
@@ -170,7 +187,7 @@ STEP_STORED, STEP_EVENTS, STEP_FRESH, STEP_BAD_CELL = -1, -2, -3, -4
 def step_fast_py(handles, from_handles, slot_state, starts, rows, ns, seek, gen_use, refs,
                  published, P, scratch, kind, dst_cells, src_cells, src_words, swar, dst_valid,
                  src_valid, has_valid, E, clock, free, nfree, room, in_use, lost,
-                 out):  # noqa: PLR0913
+                 out, entries):  # noqa: PLR0913
     """One engine step in one compiled call unless a segment needs more than new blocks.
 
     ``slot_state`` holds the per-request arrays by slot (rows ``SLOT_*`` of
@@ -186,11 +203,10 @@ def step_fast_py(handles, from_handles, slot_state, starts, rows, ns, seek, gen_
     (:func:`copy_check_runs`, runs in ``d``/``s``/``n``) and commits the requests' lengths,
     tails and the blocks' last use: :data:`STEP_STORED`. If some are :data:`SEG_APPEND` or
     :data:`SEG_FRESH` too, :func:`fresh_step` stores the step when its new blocks fit in
-    ``room`` without a table growing: :data:`STEP_FRESH`, with the plan in ``out`` and the
-    number of fresh segments and of blocks taken from the free stack in ``scratch[2, 0]`` and
-    ``scratch[3, 0]`` (the caller then writes the table entries). Else :data:`STEP_EVENTS`
-    (nothing changed: the caller resolves the step); ``i * 4 + code`` for a bad segment i (code
-    0 a handle naming no request, 1-3 as :func:`classify_segments`); or
+    ``room`` without a table growing: :data:`STEP_FRESH`, with the number of blocks taken from
+    the top of the free stack in ``scratch[3, 0]`` (the table entries are written too). Else
+    :data:`STEP_EVENTS` (nothing changed: the caller resolves the step); ``i * 4 + code`` for a
+    bad segment i (code 0 a handle naming no request, 1-3 as :func:`classify_segments`); or
     ``STEP_BAD_CELL - cell`` for a bad cell (nothing changed).
     """
     S = handles.shape[0]
@@ -247,7 +263,7 @@ def step_fast_py(handles, from_handles, slot_state, starts, rows, ns, seek, gen_
         code, nf, need = fresh_step(kind, slots, starts, rows, ns, P, slot_state, free, nfree,
                                     room, False, refs, in_use, lost, gen_use, clock, dst_cells,
                                     src_cells, src_words, swar, dst_valid, src_valid, has_valid,
-                                    E, out)
+                                    E, out, entries)
         if code >= 0:
             return STEP_BAD_CELL - code
         if code != -1:

@@ -16,14 +16,13 @@ here: grown, dropped (blocks unreferenced, waits cancelled), cut inside a block,
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .block_pool import BlockPool
 
-__all__ = ["RequestTables", "StoreError", "is_int"]
+__all__ = ["RequestTables", "StoreError", "TableSlab", "is_int"]
 
 # table entries that name no block
 _LOST = -1  # the engine had the block, the store had evicted it (or the block was evicted later)
@@ -34,9 +33,10 @@ _ENTRY_BYTES = 16  # per block-table slot: block (int64) and generation (int64)
 _WAIT_BYTES = 512  # per entry waiting on a hash: its place in two dicts (an upper bound)
 
 
-#: rows of :attr:`RequestTables.slot_state` (int64 ``[7, slots]``)
-SLOT_SERIAL, SLOT_LIVE, SLOT_LENGTH, SLOT_TAIL_B, SLOT_TAIL_G, SLOT_CAP, SLOT_MARK = range(7)
-SLOT_ROWS = 7
+#: rows of :attr:`RequestTables.slot_state` (int64 ``[9, slots]``)
+(SLOT_SERIAL, SLOT_LIVE, SLOT_LENGTH, SLOT_TAIL_B, SLOT_TAIL_G, SLOT_CAP, SLOT_MARK, SLOT_OFF,
+ SLOT_NBLOCKS) = range(9)
+SLOT_ROWS = 9
 
 
 def _new_slot_state(n: int) -> np.ndarray:
@@ -58,20 +58,98 @@ class StoreError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-@dataclass(eq=False)
 class _Request:
-    key: Hashable
-    slot: int  # row of the per-request arrays (length, tail block, capacity)
-    prompt_len: int
-    blocks: np.ndarray  # int64 [capacity]: block per entry, or _LOST / _GAP / _WAIT
-    gens: np.ndarray  # int64 [capacity]: the block's generation when the entry was made
-    nblocks: int = 0
-    published: int = 0  # leading full blocks already published
-    waits: dict[int, Hashable] = field(default_factory=dict)  # entry -> the hash it waits for
+    """A request's table: ``blocks``/``gens`` are views of its region of the tables' slab
+    (:class:`TableSlab`); its length, tail and entry count live in the slot arrays."""
+
+    __slots__ = ("key", "slot", "prompt_len", "blocks", "gens", "published", "waits", "_state")
+
+    def __init__(self, key: Hashable, slot: int, prompt_len: int, tables: RequestTables) -> None:
+        self.key, self.slot, self.prompt_len = key, slot, prompt_len
+        self.blocks: np.ndarray  # int64 [capacity]: block per entry, or _LOST / _GAP / _WAIT
+        self.gens: np.ndarray  # int64 [capacity]: the block's generation when the entry was made
+        self.published = 0  # leading full blocks already published
+        self.waits: dict[int, Hashable] = {}  # entry -> the hash it waits for
+        self._state = tables  # (its slot_state is reallocated when the slots grow)
+
+    @property
+    def nblocks(self) -> int:
+        """Entries in use (``[0, nblocks)``; the rest are gaps)."""
+        return int(self._state.slot_state[SLOT_NBLOCKS, self.slot])
+
+    @nblocks.setter
+    def nblocks(self, n: int) -> None:
+        self._state.slot_state[SLOT_NBLOCKS, self.slot] = n
 
     @property
     def capacity(self) -> int:
         return self.blocks.shape[0]
+
+
+class TableSlab:
+    """Every request's table entries in one array, so that a compiled step can write them.
+
+    ``entries[0]`` holds blocks (or ``_LOST``/``_GAP``/``_WAIT``), ``entries[1]`` generations.
+    A request owns the region ``[off, off + capacity)`` (slot arrays ``SLOT_OFF``/``SLOT_CAP``);
+    a table that grows moves to a new region at the end, a freed one leaves its region behind,
+    and when the end is reached the live regions are packed into a new array of twice their
+    size (every request's views are rebound then: never keep ``req.blocks`` across
+    :meth:`RequestTables.new_request` or :meth:`RequestTables.grow`).
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self.entries = np.zeros((2, size), np.int64)
+        self.entries[0] = _GAP
+        self.end = 0  # regions are handed out from here
+        self.live = 0  # entries owned by live requests
+
+    def place(self, tables: RequestTables, req: _Request, cap: int) -> None:
+        """Give ``req`` a region of ``cap`` entries, its current entries copied (if any)."""
+        st = tables.slot_state
+        old = req.capacity if hasattr(req, "blocks") else 0
+        if self.end + cap > self.entries.shape[1]:
+            self._pack(tables, cap)
+        off = self.end
+        self.end += cap
+        region = self.entries[:, off:off + cap]
+        region[0] = _GAP
+        region[1] = 0
+        if old:
+            o = int(st[SLOT_OFF, req.slot])
+            region[:, :old] = self.entries[:, o:o + old]
+        self.live += cap - old
+        st[SLOT_OFF, req.slot] = off
+        st[SLOT_CAP, req.slot] = cap
+        req.blocks, req.gens = region[0], region[1]
+
+    def drop(self, req: _Request) -> None:
+        self.live -= req.capacity
+
+    def _pack(self, tables: RequestTables, extra: int) -> None:
+        st = tables.slot_state
+        packed = np.zeros((2, max(1024, 2 * (self.live + extra))), np.int64)
+        packed[0] = _GAP
+        end = 0
+        for req in tables.reqs.values():
+            if not hasattr(req, "blocks"):
+                continue  # (a request being registered: placed after the pack)
+            cap, o = req.capacity, int(st[SLOT_OFF, req.slot])
+            packed[:, end:end + cap] = self.entries[:, o:o + cap]
+            st[SLOT_OFF, req.slot] = end
+            req.blocks, req.gens = packed[0, end:end + cap], packed[1, end:end + cap]
+            end += cap
+        self.entries, self.end = packed, end
+
+    def check(self, tables: RequestTables) -> None:
+        st, live = tables.slot_state, 0
+        for key, req in tables.reqs.items():
+            off, cap = int(st[SLOT_OFF, req.slot]), int(st[SLOT_CAP, req.slot])
+            assert req.capacity == cap and off + cap <= self.end, (key, off, cap, self.end)
+            assert req.blocks.base is self.entries and req.gens.base is self.entries, key
+            assert np.shares_memory(req.blocks, self.entries[0, off:off + cap]), key
+            assert np.shares_memory(req.gens, self.entries[1, off:off + cap]), key
+            live += cap
+        assert live == self.live, (live, self.live)
 
 
 def _capacity_for(n: int) -> int:
@@ -99,6 +177,7 @@ class RequestTables:
         self.slot_state = _new_slot_state(64)
         self._bind_slot_state()
         self.free_slots: list[int] = list(range(63, -1, -1))
+        self.slab = TableSlab()
         self.waiting: dict[Hashable, dict[int, _Request]] = {}  # hash -> {slot: request}
 
     def new_request(self, key: Hashable, prompt_len: int, entries: int) -> _Request:
@@ -106,21 +185,21 @@ class RequestTables:
         if not self.free_slots:
             self.grow_slots()
         slot = self.free_slots.pop()
-        cap = _capacity_for(max(entries, 1))
-        req = _Request(key=key, slot=slot, prompt_len=prompt_len,
-                       blocks=np.full(cap, _GAP, np.int64), gens=np.zeros(cap, np.int64))
+        req = _Request(key, slot, prompt_len, self)
+        self.slab.place(self, req, _capacity_for(max(entries, 1)))
         self.reqs[key] = req
         self.slot_of[key] = slot
         self.by_slot[slot] = req
         self.live[slot] = 1
-        self.cap[slot] = cap
         self.length[slot] = 0
         self.tail_b[slot] = -1
+        self.slot_state[SLOT_NBLOCKS, slot] = 0
         return req
 
     def release(self, req: _Request) -> None:
         """Drop the request: its blocks unreferenced, its waits cancelled, its bytes returned."""
         self.drop_entries(req, 0)
+        self.slab.drop(req)
         del self.reqs[req.key]
         del self.slot_of[req.key]
         self.by_slot[req.slot] = None
@@ -169,13 +248,7 @@ class RequestTables:
         cap = req.capacity
         if need <= cap:
             return
-        new = _capacity_for(need)
-        blocks = np.full(new, _GAP, np.int64)
-        gens = np.zeros(new, np.int64)
-        blocks[:cap] = req.blocks
-        gens[:cap] = req.gens
-        req.blocks, req.gens = blocks, gens
-        self.cap[req.slot] = new
+        self.slab.place(self, req, _capacity_for(need))
 
     @staticmethod
     def growth_bytes(req: _Request | None, need: int) -> int:
@@ -341,6 +414,7 @@ class RequestTables:
                 assert h in req.waits.values(), f"listed waiter does not wait on {h!r}"
         assert table_bytes == self.table_bytes, (table_bytes, self.table_bytes)
         assert pool.limit == self.limit_for(table_bytes), (pool.limit, table_bytes)
+        self.slab.check(self)
         nbytes = pool.in_use * self.block_bytes + self.table_bytes
         assert nbytes <= self.budget_bytes, (nbytes, self.budget_bytes)
         pool.check_invariants(expected)
