@@ -10,7 +10,8 @@ mixes, measured side by side in one run (interleaved repeats, median):
   4 finish and are replaced);
 * prefill: 4 requests, 2048-row chunks (8192 rows per step);
 
-and ``take`` of one 32,768-token request (the whole trace, as a trainer reads it).
+and ``take`` of one 32,768-token request (the whole trace, as a trainer reads it); and the time
+of ``free`` of one 2048-token request (an event: absolute time, no baseline).
 
 The baseline copies the same bytes into a preallocated buffer of the same size with one
 ``np.copyto``: the floor for any host path that keeps the data (for ``take``: the trace's ids).
@@ -129,15 +130,21 @@ def bench_prefill(rng, reqs, chunk, steps):
     store = RouteStore(num_experts=E, moe_layers=range(L), top_k=K, block_size=BLOCK,
                        budget_bytes=4 << 30)
     step = _step(rng, reqs * chunk)
+    t_free = []
 
     def prepare(s):
         for r in range(reqs):
             if s:
+                t0 = time.perf_counter()
                 store.free((s - 1, r))
+                t_free.append(time.perf_counter() - t0)
             store.add_request((s, r), prompt_len=chunk)
         return store.ingest, [((s, r), 0, r * chunk, chunk) for r in range(reqs)]
 
-    return _side_by_side(step, steps, prepare)
+    out = _side_by_side(step, steps, prepare)
+    print(f"free: 1 request of {chunk} tokens ({chunk // BLOCK} blocks): min/median "
+          f"{min(t_free) * 1e6:.1f}/{statistics.median(t_free) * 1e6:.1f} us")
+    return out
 
 
 def bench_take(rng, tokens, repeats):

@@ -222,6 +222,22 @@ class BlockPool:
         if self.refs[b] == 0 and not self.published[b]:
             self.release(b)
 
+    def unref_many(self, bs: np.ndarray, gs: np.ndarray) -> None:
+        """:meth:`unref` of each ``(bs[i], gs[i])`` (blocks >= 0), as one pass: the private blocks
+        that lose their last reference are freed in the order of ``bs``."""
+        bs = bs[self.gen[bs] == gs]
+        if not bs.size:
+            return
+        np.subtract.at(self.refs, bs, 1)
+        gone = bs[(self.refs[bs] == 0) & ~self.published[bs]]
+        if gone.size:
+            _, first = np.unique(gone, return_index=True)
+            gone = gone[np.sort(first)]  # (a block named twice is freed once)
+            self.gen[gone] += 1
+            self.in_use_mask[gone] = False
+            self._free[self._nfree:self._nfree + gone.size] = gone
+            self._nfree += gone.size
+
     def release(self, b: int) -> None:
         """Free block b now: every table entry still naming it becomes stale."""
         if self.published[b]:

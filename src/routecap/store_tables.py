@@ -257,15 +257,16 @@ class RequestTables:
 
     def drop_entries(self, req: _Request, keep: int) -> None:
         """Release table entries ``>= keep`` (blocks unreferenced, waits cancelled)."""
-        pool = self.pool
-        for j in range(keep, req.nblocks):
-            b = int(req.blocks[j])
-            if b >= 0:
-                pool.unref(b, int(req.gens[j]))
-            elif b == _WAIT:
-                self.cancel_wait(req, j)
-        req.blocks[keep:req.nblocks] = _GAP
-        req.nblocks = min(req.nblocks, keep)
+        nb = req.nblocks
+        if keep < nb:
+            b = req.blocks[keep:nb]
+            if req.waits:
+                for j in (np.flatnonzero(b == _WAIT) + keep).tolist():
+                    self.cancel_wait(req, j)
+            real = b >= 0
+            self.pool.unref_many(b[real], req.gens[keep:nb][real])
+            req.blocks[keep:nb] = _GAP
+            req.nblocks = keep
         self.tail_b[req.slot] = -1
 
     def cancel_wait(self, req: _Request, j: int) -> None:
