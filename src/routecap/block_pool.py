@@ -51,7 +51,9 @@ class BlockPool:
         self.in_use_mask = np.zeros(B, np.bool_)
         self.hash_of: dict[int, Hashable] = {}
         self.by_hash: dict[Hashable, int] = {}
-        self._free = np.arange(B - 1, -1, -1, dtype=np.int64)  # a stack
+        # a stack; a slice off its top is ascending blocks (a prefill's blocks in memory order,
+        # so that its rows are copied as one run)
+        self._free = np.arange(B, dtype=np.int64)
         self._nfree = B
         self._reserved: list[int] = []
         self.limit = B
@@ -142,28 +144,13 @@ class BlockPool:
         self.last_use[b] = self.clock
         return b
 
-    def take_many(self, count: int, *, clear_valid: bool = True) -> np.ndarray:
-        """``count`` fresh blocks at once (see :meth:`take`).
-
-        ``clear_valid=False``: the caller marks every row's validity itself (it writes whole
-        blocks and clears the rest), so the pass over their masks is saved.
-        """
+    def take_many(self, count: int) -> np.ndarray:
+        """``count`` fresh blocks at once (see :meth:`take`)."""
         if not count:
             return np.zeros(0, np.int64)
         bs = np.array(self._reserved[len(self._reserved) - count:], np.int64)
         del self._reserved[len(self._reserved) - count:]
-        self._mark_taken(bs, clear_valid)
-        return bs
-
-    def take_free(self, count: int, *, clear_valid: bool = True) -> np.ndarray:
-        """:meth:`take_many` straight from the free stack (one slice, no reservation), for a
-        caller that checked that ``count`` more blocks fit under the limit without an eviction.
-        """
-        assert self.in_use + len(self._reserved) + count <= self.limit, "take_free() over limit"
-        n = self._nfree
-        bs = self._free[n - count:n].copy()  # the blocks reserve() + take_many() would give
-        self._nfree = n - count
-        self._mark_taken(bs, clear_valid)
+        self._mark_taken(bs)
         return bs
 
     @property
@@ -174,8 +161,9 @@ class BlockPool:
 
     def took_top(self, count: int) -> np.ndarray:
         """Account for ``count`` blocks that a compiled caller took from the top of the free stack
-        and marked as :meth:`take_free` marks them (referenced once, in use, not lost, last used
-        at ``clock + 1 + i``); returns them (a copy), in take_free's order.
+        (``free[nfree - count:nfree]``, in that order) and marked as :meth:`take_many` marks them
+        (referenced once, in use, not lost, the i-th last used at ``clock + 1 + i``); returns
+        them (a copy). The caller checked that they fit under the limit without an eviction.
         """
         assert self.in_use + len(self._reserved) + count <= self.limit, "took_top() over limit"
         n = self._nfree
@@ -184,23 +172,13 @@ class BlockPool:
         self.clock += count
         return bs
 
-    def _mark_taken(self, bs: np.ndarray, clear_valid: bool) -> None:
-        if clear_valid:
-            self.valid[bs] = False
+    def _mark_taken(self, bs: np.ndarray) -> None:
+        self.valid[bs] = False
         self.lost[bs] = False
         self.refs[bs] = 1
         self.in_use_mask[bs] = True
         self.last_use[bs] = self.clock + 1 + np.arange(bs.shape[0])
         self.clock += bs.shape[0]
-
-    def untake(self, bs: np.ndarray) -> None:
-        """Give back blocks from :meth:`take_many` that no table entry ever named (a refused call)."""
-        self.refs[bs] = 0
-        self.in_use_mask[bs] = False
-        self.valid[bs] = False
-        n = bs.shape[0]
-        self._free[self._nfree:self._nfree + n] = bs[::-1]
-        self._nfree += n
 
     def unreserve(self) -> None:
         """Give back what a reservation did not use."""

@@ -58,7 +58,7 @@ def fresh_step_py(kind, slots, starts, rows, ns, P, slot_state, free, nfree, roo
     :data:`SEG_NOOP` segments (kinds from :func:`~routecap.store_rows.classify_segments`).
 
     The new blocks are the top ``need`` entries of the free stack, ``free[nfree - need:nfree]``
-    in that order (what :meth:`~routecap.block_pool.BlockPool.take_free` would give): fresh
+    in that order (see :meth:`~routecap.block_pool.BlockPool.took_top`): fresh
     segment j gets ``out[3, j]`` onwards. ``out [4, >= S]`` receives per fresh segment, in
     segment order, its slot, first and end table entries and that first index.
 
@@ -124,16 +124,22 @@ def fresh_step_py(kind, slots, starts, rows, ns, P, slot_state, free, nfree, roo
     for i in range(S):
         if kind[i] == SEG_APPEND or kind[i] == SEG_FRESH:
             for k in range(out[2, j] - out[1, j]):
-                d[q] = free[base + out[3, j] + k] * P
-                s[q] = rows[i] + k * P
-                n[q] = min(P, ns[i] - k * P)
-                q += 1
+                dk = free[base + out[3, j] + k] * P
+                sk = rows[i] + k * P
+                nk = min(P, ns[i] - k * P)
+                if q > nfast and d[q - 1] + n[q - 1] == dk and s[q - 1] + n[q - 1] == sk:
+                    n[q - 1] += nk  # the next block in memory: one run (blocks freed in order
+                else:  # come back in order from the free stack)
+                    d[q] = dk
+                    s[q] = sk
+                    n[q] = nk
+                    q += 1
             j += 1
     bad = copy_check_runs(dst_cells, src_cells, src_words, swar, dst_valid, src_valid,
-                          has_valid, d, s, n, E)
+                          has_valid, d[:q], s[:q], n[:q], E)
     if bad >= 0:
         return bad, nf, need
-    for t in range(need):  # taken, as BlockPool.take_free marks them
+    for t in range(need):  # taken, as BlockPool.take_many marks them
         b = free[base + t]
         assert 0 <= b < B and refs[b] == 0
         refs[b] = 1

@@ -92,7 +92,7 @@ class TableSlab:
     ``entries[0]`` holds blocks (or ``_LOST``/``_GAP``/``_WAIT``), ``entries[1]`` generations.
     A request owns the region ``[off, off + capacity)`` (slot arrays ``SLOT_OFF``/``SLOT_CAP``);
     a table that grows moves to a new region at the end, a freed one leaves its region behind,
-    and when the end is reached the live regions are packed into a new array of twice their
+    and when the end is reached the live regions are packed into a new array of four times their
     size (every request's views are rebound then: never keep ``req.blocks`` across
     :meth:`RequestTables.new_request` or :meth:`RequestTables.grow`).
     """
@@ -106,17 +106,17 @@ class TableSlab:
     def place(self, tables: RequestTables, req: _Request, cap: int) -> None:
         """Give ``req`` a region of ``cap`` entries, its current entries copied (if any)."""
         st = tables.slot_state
-        old = req.capacity if hasattr(req, "blocks") else 0
+        old = int(st[SLOT_CAP, req.slot]) if st[SLOT_LIVE, req.slot] else 0  # (0: registering)
         if self.end + cap > self.entries.shape[1]:
             self._pack(tables, cap)
         off = self.end
         self.end += cap
         region = self.entries[:, off:off + cap]
-        region[0] = _GAP
-        region[1] = 0
         if old:
             o = int(st[SLOT_OFF, req.slot])
             region[:, :old] = self.entries[:, o:o + old]
+        region[0, old:] = _GAP
+        region[1, old:] = 0
         self.live += cap - old
         st[SLOT_OFF, req.slot] = off
         st[SLOT_CAP, req.slot] = cap
@@ -127,12 +127,10 @@ class TableSlab:
 
     def _pack(self, tables: RequestTables, extra: int) -> None:
         st = tables.slot_state
-        packed = np.zeros((2, max(1024, 2 * (self.live + extra))), np.int64)
+        packed = np.zeros((2, max(1024, 4 * (self.live + extra))), np.int64)
         packed[0] = _GAP
         end = 0
-        for req in tables.reqs.values():
-            if not hasattr(req, "blocks"):
-                continue  # (a request being registered: placed after the pack)
+        for req in tables.reqs.values():  # (a request being registered is placed after)
             cap, o = req.capacity, int(st[SLOT_OFF, req.slot])
             packed[:, end:end + cap] = self.entries[:, o:o + cap]
             st[SLOT_OFF, req.slot] = end
