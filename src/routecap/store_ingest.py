@@ -10,13 +10,14 @@ chosen per step by a compiled classification of its segments
 
 1. every segment writes inside its request's private tail block (a decode step, but one in P),
    or starts new blocks at its table's end (a decode step at a block boundary, prefill chunks)
-   that fit without an eviction or a table growing: one compiled call
-   (:func:`~routecap.store_step.step_fast`) maps request handles to slots, classifies, takes the
-   new blocks from the top of the free stack, checks each row as it copies it into the pool, and
-   commits the lengths and the blocks' state; Python then writes the new blocks' table entries
-   (a few array stores per request that got one);
-2. the same with a table growing past its capacity (an event: its bytes are counted first):
-   :func:`~routecap.store_step.fresh_step` again, once the bytes fit;
+   that fit without an eviction: one compiled call (:func:`~routecap.store_step.step_fast`)
+   maps request handles to slots, classifies, takes the new blocks from the top of the free
+   stack, checks each row as it copies it into the pool, and commits the lengths, the blocks'
+   state and the new table entries (a table that grows past its capacity moves to the end of
+   the tables' slab); Python then accounts for the blocks taken (and the tables' bytes);
+2. the same when the slab has no room left for it (an event): the tables' growth counted,
+   :func:`~routecap.store_step.fresh_step` again, then the tables grown (the slab packed) and
+   their entries written;
 3. anything else (copy on write, cuts, gaps, evicted blocks, a request named twice, a step that
    must evict): the rows are checked first, room is reserved once for the step, the tables are
    resolved per request, and the rows move with one compiled scatter.
@@ -36,6 +37,8 @@ from .store_rows import (
     first_bad_cell,
 )
 from .store_step import (
+    BUDGET_SLAB_END,
+    BUDGET_TABLE_BYTES,
     FRESH_FULL,
     FRESH_GROW,
     STEP_BAD_CELL,
@@ -46,7 +49,7 @@ from .store_step import (
     step_fast,
 )
 from .store_resolve import resolve_step
-from .store_tables import _GAP, RequestTables, StoreError, _Request, is_int
+from .store_tables import _ENTRY_BYTES, _GAP, RequestTables, StoreError, _Request, is_int
 
 __all__ = ["StepIngest"]
 
@@ -76,7 +79,8 @@ class StepIngest:
         self._no_valid = np.zeros((1, num_layers), np.bool_)
         self._no_words = np.zeros(1, np.uint64)
         self._scratch = np.empty((5, 256), np.int64)  # slots, lens, runs: step_fast's output
-        self._fresh_out = np.empty((4, 256), np.int64)  # fresh_step's plan
+        self._fresh_out = np.empty((5, 256), np.int64)  # fresh_step's plan
+        self._budget = np.zeros(6, np.int64)  # fresh_step's budget (store_step.BUDGET_*)
         # the row check reads 8 one-byte ids as one word when the range test fits (see store_rows)
         self.swar = bool(_HAVE_NUMBA and dtype == np.uint8 and top_k == 8
                          and (num_experts <= 128 or num_experts >= 256))
@@ -169,20 +173,20 @@ class StepIngest:
         if S > self._scratch.shape[1]:
             self._scratch = np.empty((5, 2 * S), np.int64)
         if S > self._fresh_out.shape[1]:
-            self._fresh_out = np.empty((4, 2 * S), np.int64)
+            self._fresh_out = np.empty((5, 2 * S), np.int64)
         kind = np.empty(S, np.int8)
         clock = pool.tick()
         free, nfree = pool.free_stack
-        room = t.limit_for(t.table_bytes) - (pool.num_blocks - nfree)  # blocks, no eviction
+        self._fill_budget()
         r = step_fast(handles, from_handles, t.slot_state, starts, rows, ns, seek, pool.gen_use,
                       pool.refs, pool.published, P, self._scratch, kind, pool.ids_cells,
                       cells, words, self.swar, pool.valid_rows, valid, has_valid,
-                      self.num_experts, clock, free, nfree, room, pool.in_use_mask, pool.lost,
-                      self._fresh_out, t.slab.entries)
+                      self.num_experts, clock, free, nfree, self._budget, pool.in_use_mask,
+                      pool.lost, self._fresh_out, t.slab.entries)
         if r == STEP_STORED:
             return
         if r == STEP_FRESH:  # (blocks marked taken and table entries written by the kernel)
-            pool.took_top(int(self._scratch[3, 0]))
+            self._took(int(self._scratch[2, 0]), int(self._scratch[3, 0]))
             return
         src = _StepRows(ids, cells, words, valid, has_valid)
         slots, lens = self._scratch[:2, :S].copy()  # (the scratch is reused by the next step)
@@ -217,26 +221,26 @@ class StepIngest:
 
     def _store_fresh(self, where: str, src: _StepRows, kind: np.ndarray, slots: np.ndarray,
                      starts: np.ndarray, rows: np.ndarray, ns: np.ndarray, clock: int) -> bool:
-        """Segments in private tail blocks and fresh blocks at their tables' ends (no cut, no copy
-        on write), when their blocks fit without an eviction: one compiled call
-        (:func:`~routecap.store_step.fresh_step`), then the new table entries. Returns False
-        (nothing changed) if the blocks do not fit.
+        """A step of private tail blocks and new blocks at the tables' ends that the compiled
+        step left as an event (the tables' slab is full), when the blocks fit without an
+        eviction: the tables' growth counted, then :func:`~routecap.store_step.fresh_step`, then
+        the tables grown and their new entries. Returns False (nothing changed) if the blocks
+        do not fit.
         """
         t, pool = self.t, self.pool
         out = self._fresh_out
-        room = t.limit_for(t.table_bytes) - pool.in_use
-        code, nf, need = self._fresh_call(src, kind, slots, starts, rows, ns, clock, room, False)
+        code, nf, need = self._fresh_call(src, kind, slots, starts, rows, ns, clock, False)
+        if code == -1:
+            self._took(nf, need)
+            return True
         growth = 0
-        grow_ok = code == FRESH_GROW
-        if grow_ok:  # a table grows past its capacity (an event): bytes first
+        if code == FRESH_GROW:  # bytes first
             growth = sum(t.growth_bytes(t.by_slot[sl], j1) for sl, j1 in
                          zip(out[0, :nf].tolist(), out[2, :nf].tolist(), strict=True))
             if not t.fits_without_eviction(need, growth):
                 return False
             t.make_room(where, 0, growth, _NO_PINS)  # evicts nothing (checked)
-            room = t.limit_for(t.table_bytes) - pool.in_use
-            code, nf, need = self._fresh_call(src, kind, slots, starts, rows, ns, clock, room,
-                                              True)
+            code, nf, need = self._fresh_call(src, kind, slots, starts, rows, ns, clock, True)
         if code != -1:
             if growth:  # the table bytes back
                 t.table_bytes -= growth
@@ -244,20 +248,9 @@ class StepIngest:
             if code == FRESH_FULL:
                 return False
             self._raise_cell(where, src.ids, code)
-        if grow_ok:
-            self._new_entries(nf, need)
-        else:  # (the kernel wrote the entries)
-            pool.took_top(need)
-        return True
-
-    def _new_entries(self, nf: int, need: int) -> None:
-        """The tables of a step that :func:`~routecap.store_step.fresh_step` stored with
-        ``grow_ok``: grown, and the new entries (the plan's ``nf`` fresh segments got the top
-        ``need`` blocks of the free stack)."""
-        t = self.t
-        bs = self.pool.took_top(need)
-        gens = self.pool.gen[bs]
-        for sl, a, b, f in zip(*self._fresh_out[:, :nf].tolist(), strict=True):
+        bs = pool.took_top(need)
+        gens = pool.gen[bs]
+        for sl, a, b, f in zip(*out[:4, :nf].tolist(), strict=True):
             req = t.by_slot[sl]
             t.grow(req, b)
             if req.nblocks < a:
@@ -265,14 +258,34 @@ class StepIngest:
             req.blocks[a:b] = bs[f:f + b - a]
             req.gens[a:b] = gens[f:f + b - a]
             req.nblocks = b
+        return True
+
+    def _fill_budget(self) -> None:
+        t, pool = self.t, self.pool
+        self._budget[:] = (t.table_bytes, t.block_bytes, pool.num_blocks, pool.in_use,
+                           t.slab.end, t.slab.entries.shape[1])
+
+    def _took(self, nf: int, need: int) -> None:
+        """After :func:`~routecap.store_step.fresh_step` stored a step (tables and entries
+        included): the blocks it took off the free stack, the tables it grew."""
+        t = self.t
+        self.pool.took_top(need)
+        table_bytes = int(self._budget[BUDGET_TABLE_BYTES])
+        if table_bytes != t.table_bytes:  # tables grew (an event): their bytes, their views
+            t.slab.moved(t, self._fresh_out[0, :nf][self._fresh_out[4, :nf] > 0].tolist(),
+                         int(self._budget[BUDGET_SLAB_END]), (table_bytes - t.table_bytes)
+                         // _ENTRY_BYTES)
+            t.table_bytes = table_bytes
+            self.pool.limit = t.limit_for(table_bytes)
 
     def _fresh_call(self, src: _StepRows, kind: np.ndarray, slots: np.ndarray,
-                    starts: np.ndarray, rows: np.ndarray, ns: np.ndarray, clock: int, room: int,
+                    starts: np.ndarray, rows: np.ndarray, ns: np.ndarray, clock: int,
                     grow_ok: bool) -> tuple[int, int, int]:
         pool = self.pool
         free, nfree = pool.free_stack
+        self._fill_budget()
         return fresh_step(kind, slots, starts, rows, ns, self.block_size, self.t.slot_state, free,
-                          nfree, room, grow_ok, pool.refs, pool.in_use_mask, pool.lost,
+                          nfree, self._budget, grow_ok, pool.refs, pool.in_use_mask, pool.lost,
                           pool.gen_use, clock, pool.ids_cells, src.cells, src.words, self.swar,
                           pool.valid_rows, src.valid, src.has_valid, self.num_experts,
                           self._fresh_out, self.t.slab.entries)

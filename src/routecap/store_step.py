@@ -24,6 +24,7 @@ from .store_rows import (
     copy_check_runs,
 )
 from .store_tables import (
+    _ENTRY_BYTES,
     _GAP,
     SLOT_CAP,
     SLOT_LENGTH,
@@ -35,6 +36,7 @@ from .store_tables import (
     SLOT_SERIAL,
     SLOT_TAIL_B,
     SLOT_TAIL_G,
+    _capacity_for,
 )
 
 try:  # numba is a dependency; the plain function keeps the store usable without it
@@ -47,11 +49,18 @@ except ImportError:  # pragma: no cover
 __all__ = ["FRESH_FULL", "FRESH_GROW", "STEP_EVENTS", "STEP_FRESH", "STEP_STORED", "fresh_step",
            "step_fast"]
 
+_capacity = _nb.njit(inline="always")(_capacity_for) if _HAVE_NUMBA else _capacity_for
+
 #: :func:`fresh_step` codes besides -1 (stored) and a bad cell (>= 0); nothing changed with them
 FRESH_GROW, FRESH_FULL = -2, -3
 
 
-def fresh_step_py(kind, slots, starts, rows, ns, P, slot_state, free, nfree, room, grow_ok,
+#: rows of the ``budget`` argument of :func:`fresh_step`
+BUDGET_TABLE_BYTES, BUDGET_BLOCK_BYTES, BUDGET_BLOCKS, BUDGET_IN_USE, BUDGET_SLAB_END, \
+    BUDGET_SLAB_SIZE = range(6)
+
+
+def fresh_step_py(kind, slots, starts, rows, ns, P, slot_state, free, nfree, budget, grow_ok,
                   refs, in_use, lost, gen_use, clock, dst_cells, src_cells, src_words, swar,
                   dst_valid, src_valid, has_valid, E, out, entries):  # noqa: PLR0913
     """Store a step of :data:`SEG_FAST`, :data:`SEG_APPEND`, :data:`SEG_FRESH` and
@@ -59,23 +68,30 @@ def fresh_step_py(kind, slots, starts, rows, ns, P, slot_state, free, nfree, roo
 
     The new blocks are the top ``need`` entries of the free stack, ``free[nfree - need:nfree]``
     in that order (see :meth:`~routecap.block_pool.BlockPool.took_top`): fresh
-    segment j gets ``out[3, j]`` onwards. ``out [4, >= S]`` receives per fresh segment, in
-    segment order, its slot, first and end table entries and that first index.
+    segment j gets ``out[3, j]`` onwards. ``out [5, >= S]`` receives per fresh segment, in
+    segment order, its slot, first and end table entries, that first index, and its table's new
+    capacity if it grows (else 0). ``budget`` (rows ``BUDGET_*``) holds the tables' bytes, the
+    block size in bytes, the pool's blocks and blocks in use, and the end and size of the
+    tables' slab (:class:`~routecap.store_tables.TableSlab`, ``entries``).
+
+    Unless ``grow_ok``, a table that must grow past its capacity grows here, into a new region
+    at the slab's end, when the slab has room (else :data:`FRESH_GROW`: the caller packs it) and
+    its bytes and the new blocks fit the budget together without an eviction; the new entries
+    are written; ``budget`` then holds the new table bytes and slab end. With ``grow_ok`` the
+    caller has counted the tables' growth already and grows them and writes the entries itself.
 
     Returns ``(code, fresh segments, need)``, code: -1 stored (blocks referenced, LRU clock
-    ``clock + 1 + i`` for the i-th, validity, lengths, tails; unless ``grow_ok``, the new table
-    entries too, in the tables' slab ``entries``: else the caller grows the tables and writes
-    them); :data:`FRESH_GROW` when a table
-    must grow past its capacity and not ``grow_ok`` (the caller accounts for the bytes first);
-    :data:`FRESH_FULL` when ``need > room`` (the blocks do not fit without an eviction); or the
-    flat ``row * L + layer`` of the first bad valid cell. Nothing but ids under invalid rows
+    ``clock + 1 + i`` for the i-th, validity, lengths, tails, tables); :data:`FRESH_GROW`;
+    :data:`FRESH_FULL` when the blocks do not fit without an eviction; or the flat
+    ``row * L + layer`` of the first bad valid cell. Nothing but ids under invalid rows
     changes unless the code is -1.
     """
     S = kind.shape[0]
     B = refs.shape[0]
     assert slot_state.shape[0] == SLOT_ROWS and gen_use.shape[0] == 2 and P >= 1
     assert (slots.shape[0] == S and starts.shape[0] == S and rows.shape[0] == S
-            and ns.shape[0] == S and out.shape[0] == 4 and out.shape[1] >= S)
+            and ns.shape[0] == S and out.shape[0] == 5 and out.shape[1] >= S
+            and budget.shape[0] == 6 and budget[BUDGET_BLOCK_BYTES] > 0)
     assert in_use.shape[0] == B and lost.shape[0] == B and gen_use.shape[1] == B
     assert dst_valid.shape[0] == B * P and 0 <= nfree <= free.shape[0]
     length = slot_state[SLOT_LENGTH]
@@ -87,25 +103,34 @@ def fresh_step_py(kind, slots, starts, rows, ns, P, slot_state, free, nfree, roo
     nf = 0
     nfast = 0
     need = 0
-    grow = False
+    grown = 0  # entries the growing tables add
+    slab = 0  # entries of their new regions
     for i in range(S):
         k = kind[i]
         if k == SEG_APPEND or k == SEG_FRESH:
             j0 = starts[i] // P
             j1 = j0 + (ns[i] + P - 1) // P
-            grow |= j1 > cap[slots[i]]
+            c = cap[slots[i]]
             out[0, nf] = slots[i]
             out[1, nf] = j0
             out[2, nf] = j1
             out[3, nf] = need
+            out[4, nf] = 0
+            if j1 > c and not grow_ok:
+                out[4, nf] = _capacity(j1)
+                grown += out[4, nf] - c
+                slab += out[4, nf]
             need += j1 - j0
             nf += 1
         else:
             assert k == SEG_FAST or k == SEG_NOOP
             nfast += k == SEG_FAST
-    if grow and not grow_ok:
+    if slab and budget[BUDGET_SLAB_END] + slab > budget[BUDGET_SLAB_SIZE]:
         return FRESH_GROW, nf, need
-    if need > room:
+    table_bytes = budget[BUDGET_TABLE_BYTES] + grown * _ENTRY_BYTES
+    bb = budget[BUDGET_BLOCK_BYTES]
+    limit = budget[BUDGET_BLOCKS] - (table_bytes + bb - 1) // bb  # RequestTables.limit_for
+    if need > limit - budget[BUDGET_IN_USE]:
         return FRESH_FULL, nf, need
     assert need <= nfree
     base = nfree - need
@@ -146,36 +171,51 @@ def fresh_step_py(kind, slots, starts, rows, ns, P, slot_state, free, nfree, roo
         in_use[b] = True
         lost[b, :] = False
         last_use[b] = clock + 1 + t
+    end = budget[BUDGET_SLAB_END]
     j = 0
     for i in range(S):
         sl = slots[i]
-        end = starts[i] + ns[i]
+        stop = starts[i] + ns[i]
         if kind[i] == SEG_FAST:
             last_use[tail_b[sl]] = clock
-            length[sl] = end
-            if end % P == 0:
+            length[sl] = stop
+            if stop % P == 0:
                 tail_b[sl] = -1
         elif kind[i] != SEG_NOOP:
             last = free[base + out[3, j] + out[2, j] - out[1, j] - 1]
             r = ns[i] % P
             if r:  # the rest of a partly written last block is invalid
                 dst_valid[last * P + r:last * P + P] = False
-            length[sl] = end
+            length[sl] = stop
             tail_b[sl] = -1 if r == 0 else last
             tail_g[sl] = gen[last]
-            if not grow_ok:  # the table entries: within the request's region (no growth)
+            if not grow_ok:  # the table entries (a table that grows moves to the slab's end)
+                if out[4, j]:
+                    c, g, o, e = cap[sl], out[4, j], slot_state[SLOT_OFF, sl], end
+                    assert o + c <= e and e + g <= entries.shape[1]
+                    for x in range(c):
+                        entries[0, e + x] = entries[0, o + x]
+                        entries[1, e + x] = entries[1, o + x]
+                    for x in range(c, g):
+                        entries[0, e + x] = _GAP
+                        entries[1, e + x] = 0
+                    slot_state[SLOT_OFF, sl] = e
+                    cap[sl] = g
+                    end += g
                 off = slot_state[SLOT_OFF, sl]
                 a = out[1, j]
                 nb = slot_state[SLOT_NBLOCKS, sl]
                 assert nb <= a and out[2, j] <= cap[sl] and off + cap[sl] <= entries.shape[1]
-                for e in range(nb, a):
-                    entries[0, off + e] = _GAP
+                for x in range(nb, a):
+                    entries[0, off + x] = _GAP
                 for k in range(out[2, j] - a):
                     b = free[base + out[3, j] + k]
                     entries[0, off + a + k] = b
                     entries[1, off + a + k] = gen[b]
                 slot_state[SLOT_NBLOCKS, sl] = out[2, j]
             j += 1
+    budget[BUDGET_TABLE_BYTES] = table_bytes
+    budget[BUDGET_SLAB_END] = end
     return -1, nf, need
 
 
@@ -192,7 +232,7 @@ STEP_STORED, STEP_EVENTS, STEP_FRESH, STEP_BAD_CELL = -1, -2, -3, -4
 
 def step_fast_py(handles, from_handles, slot_state, starts, rows, ns, seek, gen_use, refs,
                  published, P, scratch, kind, dst_cells, src_cells, src_words, swar, dst_valid,
-                 src_valid, has_valid, E, clock, free, nfree, room, in_use, lost,
+                 src_valid, has_valid, E, clock, free, nfree, budget, in_use, lost,
                  out, entries):  # noqa: PLR0913
     """One engine step in one compiled call unless a segment needs more than new blocks.
 
@@ -209,8 +249,10 @@ def step_fast_py(handles, from_handles, slot_state, starts, rows, ns, seek, gen_
     (:func:`copy_check_runs`, runs in ``d``/``s``/``n``) and commits the requests' lengths,
     tails and the blocks' last use: :data:`STEP_STORED`. If some are :data:`SEG_APPEND` or
     :data:`SEG_FRESH` too, :func:`fresh_step` stores the step when its new blocks fit in
-    ``room`` without a table growing: :data:`STEP_FRESH`, with the number of blocks taken from
-    the top of the free stack in ``scratch[3, 0]`` (the table entries are written too). Else
+    the ``budget`` without an eviction: :data:`STEP_FRESH`, with the number of fresh segments
+    and of blocks taken from the top of the free stack in ``scratch[2, 0]`` and ``scratch[3, 0]``
+    (the table entries are written, tables grown, ``budget`` updated: see :func:`fresh_step`).
+    Else
     :data:`STEP_EVENTS` (nothing changed: the caller resolves the step); ``i * 4 + code`` for a
     bad segment i (code 0 a handle naming no request, 1-3 as :func:`classify_segments`); or
     ``STEP_BAD_CELL - cell`` for a bad cell (nothing changed).
@@ -267,13 +309,13 @@ def step_fast_py(handles, from_handles, slot_state, starts, rows, ns, seek, gen_
             return STEP_EVENTS
     if fresh:
         code, nf, need = fresh_step(kind, slots, starts, rows, ns, P, slot_state, free, nfree,
-                                    room, False, refs, in_use, lost, gen_use, clock, dst_cells,
+                                    budget, False, refs, in_use, lost, gen_use, clock, dst_cells,
                                     src_cells, src_words, swar, dst_valid, src_valid, has_valid,
                                     E, out, entries)
         if code >= 0:
             return STEP_BAD_CELL - code
         if code != -1:
-            return STEP_EVENTS  # a table grows, or the blocks need an eviction
+            return STEP_EVENTS  # the slab must be packed, or the blocks need an eviction
         scratch[2, 0] = nf
         scratch[3, 0] = need
         return STEP_FRESH

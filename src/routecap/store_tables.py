@@ -97,8 +97,10 @@ class TableSlab:
     :meth:`RequestTables.new_request` or :meth:`RequestTables.grow`).
     """
 
-    def __init__(self, size: int = 1024) -> None:
-        self.entries = np.zeros((2, size), np.int64)
+    MIN_SIZE = 1024  # entries (tests lower it, to pack often)
+
+    def __init__(self) -> None:
+        self.entries = np.zeros((2, self.MIN_SIZE), np.int64)
         self.entries[0] = _GAP
         self.end = 0  # regions are handed out from here
         self.live = 0  # entries owned by live requests
@@ -122,12 +124,23 @@ class TableSlab:
         st[SLOT_CAP, req.slot] = cap
         req.blocks, req.gens = region[0], region[1]
 
+    def moved(self, tables: RequestTables, slots: list[int], end: int, grown: int) -> None:
+        """The compiled step moved the tables of ``slots`` to new regions (``SLOT_OFF``,
+        ``SLOT_CAP``) that end at ``end``, adding ``grown`` entries: their views rebound."""
+        st = tables.slot_state
+        self.end = end
+        self.live += grown
+        for slot in slots:
+            req = tables.by_slot[slot]
+            off, cap = int(st[SLOT_OFF, slot]), int(st[SLOT_CAP, slot])
+            req.blocks, req.gens = self.entries[0, off:off + cap], self.entries[1, off:off + cap]
+
     def drop(self, req: _Request) -> None:
         self.live -= req.capacity
 
     def _pack(self, tables: RequestTables, extra: int) -> None:
         st = tables.slot_state
-        packed = np.zeros((2, max(1024, 4 * (self.live + extra))), np.int64)
+        packed = np.zeros((2, max(self.MIN_SIZE, 4 * (self.live + extra))), np.int64)
         packed[0] = _GAP
         end = 0
         for req in tables.reqs.values():  # (a request being registered is placed after)
