@@ -77,6 +77,20 @@ def test_the_step_kernels_match_their_plain_twins(monkeypatch, shape):
     assert FRESH_GROW in fresh and -1 in fresh, set(fresh)
 
 
+def _fresh_codes(monkeypatch):
+    """The codes of fresh_step's calls from Python (the store's event path), as they come."""
+    codes = []
+    compiled = store_ingest.fresh_step
+
+    def spy(*args):
+        got = compiled(*args)
+        codes.append(got[0])
+        return got
+
+    monkeypatch.setattr(store_ingest, "fresh_step", spy)
+    return codes
+
+
 def _random_steps(rng, n_steps, L, K, E, P):
     """(request, start, rows) steps of a staggered engine: new requests with prompt chunks,
     decode rows, requests finishing; a few steps hold one bad row."""
@@ -185,15 +199,7 @@ def test_a_refused_step_that_grew_a_table_gives_everything_back(monkeypatch, sla
     s.add_request("a", prompt_len=40)
     s.add_request("b", prompt_len=1)
     s.ingest(good[:5], None, [("a", 0, 0, 4), ("b", 0, 4, 1)])  # a: one full block
-    codes = []
-    compiled = store_ingest.fresh_step
-
-    def spy(*args):
-        got = compiled(*args)
-        codes.append(got[0])
-        return got
-
-    monkeypatch.setattr(store_ingest, "fresh_step", spy)
+    codes = _fresh_codes(monkeypatch)
     before = _state(s)
     for bad_row in (1, 2, 36):  # in b's tail block, a's first new block, a's last (partial) one
         bad = good.copy()
@@ -222,15 +228,7 @@ def test_blocks_that_need_an_eviction_go_the_general_way(monkeypatch):
     s = RouteStore(num_experts=E, moe_layers=range(L), top_k=K, block_size=P,
                    budget_bytes=(6 + tables) * bb)  # room for 6 blocks next to one table
     rows = np.array([[[i % E, (i + 1) % E]] for i in range(64)], np.uint8)
-    codes = []
-    compiled = store_ingest.fresh_step
-
-    def spy(*args):
-        got = compiled(*args)
-        codes.append(got[0])
-        return got
-
-    monkeypatch.setattr(store_ingest, "fresh_step", spy)
+    codes = _fresh_codes(monkeypatch)
     s.add_request("old", prompt_len=16)
     s.write("old", 0, rows[:16])
     s.publish("old", [f"h{j}" for j in range(4)])
