@@ -51,6 +51,38 @@ __all__ = ["FRESH_FULL", "FRESH_GROW", "STEP_EVENTS", "STEP_FRESH", "STEP_STORED
 
 _capacity = _nb.njit(inline="always")(_capacity_for) if _HAVE_NUMBA else _capacity_for
 
+def _table_entries_py(slot_state, entries, end, sl, a, b, grow, blocks, gen):
+    """Entries ``[a, b)`` of slot ``sl``'s table in the slab ``entries``: ``blocks[:b - a]``
+    (and gaps from its current end to ``a``); first, if ``grow``, its table moves to a region of
+    ``grow`` entries at ``end``. Returns the slab's end."""
+    cap = slot_state[SLOT_CAP]
+    if grow:
+        c, o = cap[sl], slot_state[SLOT_OFF, sl]
+        assert o + c <= end and end + grow <= entries.shape[1]
+        for x in range(c):
+            entries[0, end + x] = entries[0, o + x]
+            entries[1, end + x] = entries[1, o + x]
+        for x in range(c, grow):
+            entries[0, end + x] = _GAP
+            entries[1, end + x] = 0
+        slot_state[SLOT_OFF, sl] = end
+        cap[sl] = grow
+        end += grow
+    off = slot_state[SLOT_OFF, sl]
+    nb = slot_state[SLOT_NBLOCKS, sl]
+    assert nb <= a and b <= cap[sl] and off + cap[sl] <= entries.shape[1] and b - a <= len(blocks)
+    for x in range(nb, a):
+        entries[0, off + x] = _GAP
+    for k in range(b - a):
+        entries[0, off + a + k] = blocks[k]
+        entries[1, off + a + k] = gen[blocks[k]]
+    slot_state[SLOT_NBLOCKS, sl] = b
+    return end
+
+
+_table_entries = (_nb.njit(inline="always")(_table_entries_py) if _HAVE_NUMBA
+                  else _table_entries_py)
+
 #: :func:`fresh_step` codes besides -1 (stored) and a bad cell (>= 0); nothing changed with them
 FRESH_GROW, FRESH_FULL = -2, -3
 
@@ -189,30 +221,9 @@ def fresh_step_py(kind, slots, starts, rows, ns, P, slot_state, free, nfree, bud
             length[sl] = stop
             tail_b[sl] = -1 if r == 0 else last
             tail_g[sl] = gen[last]
-            if not grow_ok:  # the table entries (a table that grows moves to the slab's end)
-                if out[4, j]:
-                    c, g, o, e = cap[sl], out[4, j], slot_state[SLOT_OFF, sl], end
-                    assert o + c <= e and e + g <= entries.shape[1]
-                    for x in range(c):
-                        entries[0, e + x] = entries[0, o + x]
-                        entries[1, e + x] = entries[1, o + x]
-                    for x in range(c, g):
-                        entries[0, e + x] = _GAP
-                        entries[1, e + x] = 0
-                    slot_state[SLOT_OFF, sl] = e
-                    cap[sl] = g
-                    end += g
-                off = slot_state[SLOT_OFF, sl]
-                a = out[1, j]
-                nb = slot_state[SLOT_NBLOCKS, sl]
-                assert nb <= a and out[2, j] <= cap[sl] and off + cap[sl] <= entries.shape[1]
-                for x in range(nb, a):
-                    entries[0, off + x] = _GAP
-                for k in range(out[2, j] - a):
-                    b = free[base + out[3, j] + k]
-                    entries[0, off + a + k] = b
-                    entries[1, off + a + k] = gen[b]
-                slot_state[SLOT_NBLOCKS, sl] = out[2, j]
+            if not grow_ok:
+                end = _table_entries(slot_state, entries, end, sl, out[1, j], out[2, j], out[4, j],
+                                     free[base + out[3, j]:], gen)
             j += 1
     budget[BUDGET_TABLE_BYTES] = table_bytes
     budget[BUDGET_SLAB_END] = end
