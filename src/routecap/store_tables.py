@@ -95,6 +95,11 @@ class TableSlab:
     and when the end is reached the live regions are packed into a new array of four times their
     size (every request's views are rebound then: never keep ``req.blocks`` across
     :meth:`RequestTables.new_request` or :meth:`RequestTables.grow`).
+
+    The budget counts each table's capacity (16 bytes an entry); the slab's slack around them
+    (at most 3 times the live entries, plus regions left behind until the next pack: 16 bytes
+    per entry, against the ~6 KB of routes one entry's block holds at 48 layers x top-8) is
+    not counted.
     """
 
     MIN_SIZE = 1024  # entries (tests lower it, to pack often)
