@@ -37,7 +37,11 @@ from .store_rows import (
     first_bad_cell,
 )
 from .store_step import (
+    BUDGET_BLOCK_BYTES,
+    BUDGET_BLOCKS,
+    BUDGET_IN_USE,
     BUDGET_SLAB_END,
+    BUDGET_SLAB_SIZE,
     BUDGET_TABLE_BYTES,
     FRESH_FULL,
     FRESH_GROW,
@@ -81,6 +85,8 @@ class StepIngest:
         self._scratch = np.empty((5, 256), np.int64)  # slots, lens, runs: step_fast's output
         self._fresh_out = np.empty((5, 256), np.int64)  # fresh_step's plan
         self._budget = np.zeros(6, np.int64)  # fresh_step's budget (store_step.BUDGET_*)
+        self._budget[BUDGET_BLOCK_BYTES] = tables.block_bytes
+        self._budget[BUDGET_BLOCKS] = self.pool.num_blocks
         # the row check reads 8 one-byte ids as one word when the range test fits (see store_rows)
         self.swar = bool(_HAVE_NUMBA and dtype == np.uint8 and top_k == 8
                          and (num_experts <= 128 or num_experts >= 256))
@@ -261,9 +267,12 @@ class StepIngest:
         return True
 
     def _fill_budget(self) -> None:
-        t, pool = self.t, self.pool
-        self._budget[:] = (t.table_bytes, t.block_bytes, pool.num_blocks, pool.in_use,
-                           t.slab.end, t.slab.entries.shape[1])
+        # (scalar stores: this runs on every step; block bytes and pool blocks never change)
+        t, b = self.t, self._budget
+        b[BUDGET_TABLE_BYTES] = t.table_bytes
+        b[BUDGET_IN_USE] = self.pool.in_use
+        b[BUDGET_SLAB_END] = t.slab.end
+        b[BUDGET_SLAB_SIZE] = t.slab.entries.shape[1]
 
     def _took(self, nf: int, need: int) -> None:
         """After :func:`~routecap.store_step.fresh_step` stored a step (tables and entries
